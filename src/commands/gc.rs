@@ -1,0 +1,95 @@
+//! `shim gc`, `shim reload`, `shim reset`: maintenance from the state alone.
+
+use anyhow::bail;
+
+use crate::commands::Globals;
+use crate::commands::hook::release;
+use crate::firewall::{self, Layout};
+use crate::kernel::netns;
+use crate::modes::{HostKernel, Kernel};
+use crate::request::NetworkMode;
+use crate::state::ContainerRecord;
+
+/// Whether the container's process still holds the netns recorded at setup.
+fn alive(rec: &ContainerRecord) -> bool {
+    match (rec.pid, rec.netns_inode) {
+        (Some(pid), Some(ino)) => netns::open_pid(pid)
+            .and_then(|f| netns::inode(&f))
+            .map(|i| i == ino)
+            .unwrap_or(false),
+        _ => false,
+    }
+}
+
+/// Releases every container whose process is gone (missed poststop, crash).
+pub fn gc(g: &Globals) -> anyhow::Result<()> {
+    let sd = g.state();
+    if !sd.state_path().exists() {
+        return Ok(());
+    }
+    let lock = sd.lock()?;
+    let mut state = sd.load()?;
+    let mut k = HostKernel::new();
+    let dead: Vec<ContainerRecord> = state
+        .containers
+        .values()
+        .filter(|r| !alive(r))
+        .cloned()
+        .collect();
+    let mut failed = Vec::new();
+    for rec in &dead {
+        let errs = release(&mut k, &state, rec);
+        if errs.is_empty() {
+            state.containers.remove(&rec.id);
+            println!("released {}", rec.id);
+        } else {
+            failed.push(format!("{}: {}", rec.id, errs.join("; ")));
+        }
+    }
+    sd.store(&state, &lock)?;
+    if !failed.is_empty() {
+        bail!("gc: {}", failed.join(" | "));
+    }
+    Ok(())
+}
+
+/// Re-applies the firewall from the state (after a firewall reload wiped it).
+pub fn reload(g: &Globals) -> anyhow::Result<()> {
+    let cfg = g.load_config()?;
+    let sd = g.state();
+    let _lock = sd.lock()?;
+    let state = sd.load()?;
+    let layout = Layout {
+        bridge: &cfg.bridge_name,
+        subnet: cfg.subnet,
+    };
+    let bridged = state
+        .containers
+        .values()
+        .filter(|c| c.mode == NetworkMode::Bridge);
+    HostKernel::new().nft(&layout.rebuild_script(bridged))?;
+    Ok(())
+}
+
+/// Removes the bridge and the firewall table; refuses while containers are recorded unless forced.
+pub fn reset(g: &Globals, force: bool) -> anyhow::Result<()> {
+    let cfg = g.load_config()?;
+    let sd = g.state();
+    let lock = sd.lock()?;
+    let mut state = sd.load()?;
+    if !state.containers.is_empty() && !force {
+        bail!(
+            "{} container(s) still recorded: delete them first (poststop releases them) or pass --force",
+            state.containers.len()
+        );
+    }
+    let mut k = HostKernel::new();
+    for rec in state.containers.values() {
+        let _ = release(&mut k, &state, rec);
+    }
+    state.containers.clear();
+    let _ = k.nft(&firewall::delete_table_script());
+    k.del_link(&cfg.bridge_name)?;
+    sd.store(&state, &lock)?;
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! `shim hook <stage>`: the OCI hook. Setup in createRuntime/prestart, teardown in poststop.
+
+use std::io::Read;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+
+use crate::commands::Globals;
+use crate::kernel::netns;
+use crate::kernel::probe::BindProbe;
+use crate::modes::{HostKernel, Kernel, bridge};
+use crate::oci::{self, OciState};
+use crate::request::{self, NetworkMode};
+use crate::state::{ContainerRecord, State};
+
+/// Hook stages netshim acts on; other stages are accepted and ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    #[value(name = "createRuntime")]
+    CreateRuntime,
+    #[value(name = "prestart")]
+    Prestart,
+    #[value(name = "poststop")]
+    Poststop,
+    #[value(name = "createContainer")]
+    CreateContainer,
+    #[value(name = "startContainer")]
+    StartContainer,
+    #[value(name = "poststart")]
+    Poststart,
+}
+
+pub fn run(g: &Globals, stage: Stage) -> anyhow::Result<()> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("read OCI state from stdin")?;
+    let st = OciState::parse(&input)?;
+    match stage {
+        Stage::CreateRuntime | Stage::Prestart => setup(g, &st),
+        Stage::Poststop => teardown(g, &st.id),
+        _ => Ok(()),
+    }
+}
+
+/// The annotations of the request: the state's, falling back to the bundle's config.json.
+fn annotations(st: &OciState) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    if let Some(a) = &st.annotations
+        && a.contains_key(request::MODE)
+    {
+        return Ok(a.clone());
+    }
+    match &st.bundle {
+        Some(b) if b.join("config.json").exists() => oci::bundle_annotations(b),
+        _ => Ok(st.annotations.clone().unwrap_or_default()),
+    }
+}
+
+fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
+    let ann = annotations(st)?;
+    let Some(req) = request::from_annotations(&ann)? else {
+        return Ok(());
+    };
+    if req.mode != NetworkMode::Bridge {
+        bail!(
+            "network mode {}: not supported by this netshim yet: use bridge",
+            req.mode
+        );
+    }
+    let cfg = g.load_config()?;
+    let pid = st.host_pid().ok_or_else(|| {
+        anyhow!("container {}: the OCI state has no pid: register netshim as a createRuntime or prestart hook", st.id)
+    })?;
+    let ns = netns::open_pid(pid).map_err(|e| {
+        anyhow!("container {}: pid {pid}: cannot open its network namespace ({e}): is the container process running?", st.id)
+    })?;
+    let inode = netns::inode(&ns).context("stat the container's netns")?;
+    if netns::self_inode().ok() == Some(inode) {
+        bail!(
+            "container {}: bridge mode needs a network namespace of its own, but the container shares the host's: add {{\"type\": \"network\"}} to linux.namespaces in config.json",
+            st.id
+        );
+    }
+
+    let sd = g.state();
+    let lock = sd.lock()?;
+    let mut state = sd.load()?;
+    let mut k = HostKernel::new();
+    if let Some(old) = state.containers.get(&st.id) {
+        if old.netns_inode == Some(inode) {
+            // prestart and createRuntime both registered: the second call finds it done.
+            return Ok(());
+        }
+        // An earlier container with the same id that nobody tore down (crun and podman skip
+        // poststop after a failed create): release it first.
+        let old = old.clone();
+        let errs = release(&mut k, &state, &old);
+        if !errs.is_empty() {
+            bail!(
+                "container {}: releasing the stale earlier setup failed: {}",
+                st.id,
+                errs.join("; ")
+            );
+        }
+        state.containers.remove(&st.id);
+    }
+
+    let plan = bridge::plan(&cfg, &mut state, &st.id, &req, &BindProbe)
+        .with_context(|| format!("bridge setup for container {}", st.id))?;
+    bridge::apply(&mut k, &cfg, &state, &plan, &ns)
+        .with_context(|| format!("bridge setup for container {}", st.id))?;
+    let rec = ContainerRecord {
+        id: st.id.clone(),
+        mode: req.mode,
+        service: req.service.clone(),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        pid: Some(pid),
+        netns_inode: Some(inode),
+        ip: Some(plan.ip),
+        veth: Some(plan.veth.clone()),
+        bridge: Some(cfg.bridge_name.clone()),
+        ports: plan.ports.clone(),
+    };
+    state.containers.insert(st.id.clone(), rec.clone());
+    if let Err(e) = sd.store(&state, &lock) {
+        state.containers.remove(&st.id);
+        let _ = release(&mut k, &state, &rec);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Undoes one record's kernel state (whatever its mode); returns the failures.
+pub fn release(k: &mut dyn Kernel, state: &State, rec: &ContainerRecord) -> Vec<String> {
+    match rec.mode {
+        NetworkMode::Bridge => bridge::teardown(k, state, rec),
+        _ => Vec::new(),
+    }
+}
+
+/// Poststop: from the state alone; idempotent; unknown ids are no-ops.
+pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
+    let sd = g.state();
+    if !sd.state_path().exists() {
+        return Ok(());
+    }
+    let lock = sd.lock()?;
+    let mut state = sd.load()?;
+    let Some(rec) = state.containers.get(id).cloned() else {
+        return Ok(());
+    };
+    let mut k = HostKernel::new();
+    let errs = release(&mut k, &state, &rec);
+    if !errs.is_empty() {
+        // Keep the record so `shim gc` can finish the job.
+        bail!(
+            "teardown of container {id}: {} (kept in the state; `shim gc` retries)",
+            errs.join("; ")
+        );
+    }
+    state.containers.remove(id);
+    sd.store(&state, &lock)?;
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! `shim ports list`: what load balancers register. Reads the state without the lock: the file
+//! is replaced by rename, so this never waits on a running hook nor sees half a file.
+
+use std::net::Ipv4Addr;
+
+use serde::Serialize;
+
+use crate::commands::Globals;
+use crate::kernel::netlink::Netlink;
+use crate::request::NetworkMode;
+use crate::state::State;
+
+/// One mapped port, as the contract names its fields.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortEntry {
+    pub container_id: String,
+    pub service: Option<String>,
+    pub network_mode: NetworkMode,
+    pub protocol: String,
+    pub container_port: u16,
+    pub host_port: u16,
+    #[serde(rename = "bindIP")]
+    pub bind_ip: String,
+    #[serde(rename = "containerIP")]
+    pub container_ip: Option<String>,
+    #[serde(rename = "targetIP")]
+    pub target_ip: String,
+    pub target_port: u16,
+    pub name: Option<String>,
+    pub dynamic: bool,
+}
+
+/// Flattens the state into entries (pure: `host_ip` is the host's address for LB targets).
+pub fn entries(
+    state: &State,
+    host_ip: Ipv4Addr,
+    container: Option<&str>,
+    service: Option<&str>,
+) -> Vec<PortEntry> {
+    let mut out = Vec::new();
+    for c in state.containers.values() {
+        if container.is_some_and(|id| id != c.id)
+            || service.is_some_and(|s| c.service.as_deref() != Some(s))
+        {
+            continue;
+        }
+        for p in &c.ports {
+            let (target_ip, target_port) = match c.mode {
+                NetworkMode::Awsvpc => (
+                    c.ip.map(|i| i.to_string()).unwrap_or_default(),
+                    p.container_port,
+                ),
+                _ => (p.host_ip.unwrap_or(host_ip).to_string(), p.host_port),
+            };
+            out.push(PortEntry {
+                container_id: c.id.clone(),
+                service: c.service.clone(),
+                network_mode: c.mode,
+                protocol: p.protocol.to_string(),
+                container_port: p.container_port,
+                host_port: p.host_port,
+                bind_ip: p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).to_string(),
+                container_ip: c.ip.map(|i| i.to_string()),
+                target_ip,
+                target_port,
+                name: p.name.clone(),
+                dynamic: p.dynamic,
+            });
+        }
+    }
+    out
+}
+
+/// The address load balancers target for host ports.
+pub fn host_address(g: &Globals) -> anyhow::Result<Ipv4Addr> {
+    let cfg = g.load_config()?;
+    if let Some(a) = cfg.host_address {
+        return Ok(a);
+    }
+    let found = Netlink::open()
+        .ok()
+        .and_then(|mut nl| nl.default_route_source().ok().flatten());
+    Ok(found.unwrap_or(Ipv4Addr::LOCALHOST))
+}
+
+pub fn list(
+    g: &Globals,
+    json: bool,
+    container: Option<&str>,
+    service: Option<&str>,
+) -> anyhow::Result<()> {
+    let state = g.state().load()?;
+    let host = host_address(g)?;
+    let rows = entries(&state, host, container, service);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{}", table(&rows));
+    Ok(())
+}
+
+/// The human table.
+pub fn table(rows: &[PortEntry]) -> String {
+    let head = [
+        "CONTAINER",
+        "SERVICE",
+        "MODE",
+        "PROTO",
+        "HOST",
+        "CONTAINER ADDR",
+        "TARGET",
+    ];
+    let mut cells: Vec<[String; 7]> = vec![head.map(String::from)];
+    for r in rows {
+        let id: String = r.container_id.chars().take(12).collect();
+        cells.push([
+            id,
+            r.service.clone().unwrap_or_else(|| "-".into()),
+            r.network_mode.to_string(),
+            r.protocol.clone(),
+            format!(
+                "{}:{}{}",
+                r.bind_ip,
+                r.host_port,
+                if r.dynamic { "*" } else { "" }
+            ),
+            format!(
+                "{}:{}",
+                r.container_ip.as_deref().unwrap_or("-"),
+                r.container_port
+            ),
+            format!("{}:{}", r.target_ip, r.target_port),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0))
+        .collect();
+    let lines: Vec<String> = cells
+        .iter()
+        .map(|c| {
+            c.iter()
+                .zip(&widths)
+                .map(|(s, w)| format!("{s:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect();
+    let mut s = lines.join("\n");
+    if rows.iter().any(|r| r.dynamic) {
+        s += "\n(* dynamic host port)";
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Protocol;
+    use crate::state::{ContainerRecord, PortRecord};
+
+    fn state() -> State {
+        let mut st = State::default();
+        for (id, svc, port) in [("aaa", Some("web"), 49153), ("bbb", None, 8080)] {
+            st.containers.insert(
+                id.into(),
+                ContainerRecord {
+                    id: id.into(),
+                    mode: NetworkMode::Bridge,
+                    service: svc.map(String::from),
+                    created: 0,
+                    pid: None,
+                    netns_inode: None,
+                    ip: Some(Ipv4Addr::new(10, 213, 0, 2)),
+                    veth: None,
+                    bridge: None,
+                    ports: vec![PortRecord {
+                        protocol: Protocol::Tcp,
+                        container_port: 80,
+                        host_port: port,
+                        host_ip: None,
+                        name: None,
+                        dynamic: port == 49153,
+                    }],
+                },
+            );
+        }
+        st
+    }
+
+    #[test]
+    fn json_has_the_contract_fields() {
+        let rows = entries(&state(), Ipv4Addr::new(192, 0, 2, 2), None, None);
+        let v = serde_json::to_value(&rows).unwrap();
+        for k in [
+            "containerId",
+            "service",
+            "networkMode",
+            "protocol",
+            "containerPort",
+            "hostPort",
+            "bindIP",
+            "containerIP",
+            "targetIP",
+            "targetPort",
+        ] {
+            assert!(v[0].get(k).is_some(), "missing {k}: {v}");
+        }
+        assert_eq!(v[0]["targetIP"], "192.0.2.2");
+        assert_eq!(v[0]["targetPort"], 49153);
+        assert_eq!(v[0]["networkMode"], "bridge");
+        assert_eq!(v[1]["service"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn filters_by_container_and_service() {
+        let st = state();
+        assert_eq!(
+            entries(&st, Ipv4Addr::LOCALHOST, Some("bbb"), None).len(),
+            1
+        );
+        assert_eq!(
+            entries(&st, Ipv4Addr::LOCALHOST, None, Some("web"))[0].container_id,
+            "aaa"
+        );
+        assert!(entries(&st, Ipv4Addr::LOCALHOST, None, Some("nope")).is_empty());
+    }
+
+    #[test]
+    fn table_lists_each_port() {
+        let t = table(&entries(&state(), Ipv4Addr::LOCALHOST, None, None));
+        assert!(t.contains("0.0.0.0:49153*"), "{t}");
+        assert!(t.contains("127.0.0.1:8080"), "{t}");
+        assert_eq!(t.lines().count(), 4);
+    }
+}

@@ -1,0 +1,218 @@
+//! `/etc/netshim/config.toml`: every key optional, the file itself optional, unknown keys refused.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use ipnetwork::Ipv4Network;
+use serde::Deserialize;
+
+use crate::request::PortRange;
+
+/// Defaults as in ECS: the kernel's ephemeral range is read at run time, this is the fallback.
+pub const FALLBACK_DYNAMIC_RANGE: PortRange = PortRange {
+    start: 49153,
+    end: 65535,
+};
+/// Ports ECS never hands out or maps.
+pub const DEFAULT_RESERVED: [u16; 5] = [22, 2375, 2376, 51678, 51679];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {msg}")]
+    Invalid { path: String, msg: String },
+    #[error("config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    bridge: RawBridge,
+    #[serde(default)]
+    ports: RawPorts,
+    #[serde(default)]
+    awsvpc: Option<toml::Table>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBridge {
+    name: Option<String>,
+    subnet: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPorts {
+    dynamic_range: Option<String>,
+    reserved: Option<Vec<u16>>,
+    host_address: Option<String>,
+}
+
+/// Typed configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bridge_name: String,
+    pub subnet: Ipv4Network,
+    /// `None`: read `net.ipv4.ip_local_port_range` when needed.
+    pub dynamic_range: Option<PortRange>,
+    pub reserved: Vec<u16>,
+    /// The address load balancers should target for host ports (default: the host's
+    /// default-route source address).
+    pub host_address: Option<Ipv4Addr>,
+    /// The raw `[awsvpc]` table, read by that mode.
+    pub awsvpc: toml::Table,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bridge_name: "netshim0".into(),
+            subnet: Ipv4Network::new(Ipv4Addr::new(10, 213, 0, 0), 16)
+                .expect("valid default subnet"),
+            dynamic_range: None,
+            reserved: DEFAULT_RESERVED.to_vec(),
+            host_address: None,
+            awsvpc: toml::Table::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the file if it exists; a missing file means all defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text).map_err(|msg| ConfigError::Invalid {
+                path: path.display().to_string(),
+                msg,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| e.message().to_string() + &location(text, &e))?;
+        let mut c = Config::default();
+        if let Some(n) = raw.bridge.name {
+            if n.is_empty() || n.len() > 15 || n.contains(['/', ' ', '\0']) {
+                return Err(format!(
+                    "bridge.name {n:?} is not a valid interface name (1-15 chars, no '/' or spaces)"
+                ));
+            }
+            c.bridge_name = n;
+        }
+        if let Some(s) = raw.bridge.subnet {
+            let net: Ipv4Network = s.parse().map_err(|_| {
+                format!("bridge.subnet {s:?} is not an IPv4 CIDR like \"10.213.0.0/16\"")
+            })?;
+            if net.prefix() > 30 {
+                return Err(format!(
+                    "bridge.subnet {s:?} is too small: use a /30 or larger"
+                ));
+            }
+            if net.network() != net.ip() {
+                return Err(format!(
+                    "bridge.subnet {s:?} has host bits set: use {}/{}",
+                    net.network(),
+                    net.prefix()
+                ));
+            }
+            c.subnet = net;
+        }
+        if let Some(r) = raw.ports.dynamic_range {
+            c.dynamic_range =
+                Some(PortRange::parse(&r).map_err(|e| format!("ports.dynamic_range: {e}"))?);
+        }
+        if let Some(r) = raw.ports.reserved {
+            c.reserved = r;
+        }
+        if let Some(a) = raw.ports.host_address {
+            c.host_address = Some(
+                a.parse()
+                    .map_err(|_| format!("ports.host_address {a:?} is not an IPv4 address"))?,
+            );
+        }
+        c.awsvpc = raw.awsvpc.unwrap_or_default();
+        Ok(c)
+    }
+
+    /// The gateway: the subnet's first host address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet.network()) + 1)
+    }
+}
+
+fn location(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.bridge_name, "netshim0");
+        assert_eq!(c.subnet.to_string(), "10.213.0.0/16");
+        assert_eq!(c.gateway(), Ipv4Addr::new(10, 213, 0, 1));
+        assert_eq!(c.reserved, DEFAULT_RESERVED);
+        assert_eq!(c.dynamic_range, None);
+    }
+
+    #[test]
+    fn keys_are_read() {
+        let c = Config::parse(
+            "[bridge]\nname = \"br9\"\nsubnet = \"10.9.0.0/24\"\n[ports]\ndynamic_range = \"40000-40010\"\nreserved = [40001]\n",
+        )
+        .unwrap();
+        assert_eq!(c.bridge_name, "br9");
+        assert_eq!(c.gateway(), Ipv4Addr::new(10, 9, 0, 1));
+        assert_eq!(
+            c.dynamic_range,
+            Some(PortRange {
+                start: 40000,
+                end: 40010
+            })
+        );
+        assert_eq!(c.reserved, vec![40001]);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[ports]\ndynamic_rnage = \"1-2\"\n").unwrap_err();
+        assert!(e.contains("dynamic_rnage"), "{e}");
+        let e = Config::parse("[brige]\nname = \"x\"\n").unwrap_err();
+        assert!(e.contains("brige"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(
+            Config::parse("[bridge]\nsubnet = \"10.0.0.1/16\"\n")
+                .unwrap_err()
+                .contains("host bits")
+        );
+        assert!(
+            Config::parse("[ports]\ndynamic_range = \"90-80\"\n")
+                .unwrap_err()
+                .contains("reversed")
+        );
+        assert!(Config::parse("[bridge]\nname = \"averyveryverylongname\"\n").is_err());
+    }
+}

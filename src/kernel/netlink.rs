@@ -1,0 +1,320 @@
+//! A small synchronous rtnetlink client (netlink-sys + netlink-packet-route, no async runtime).
+//!
+//! A socket is bound to the network namespace it was opened in, so [`Netlink::open_in`] opens
+//! one inside a container's netns and every call on it acts there. Kernel errors keep their errno
+//! so callers can match ENODEV / EEXIST.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::link::{
+    InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use super::netns;
+
+/// An error from the kernel (errno kept) or from decoding its answer.
+#[derive(Debug, thiserror::Error)]
+pub enum NlError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("bad netlink message: {0}")]
+    Decode(String),
+}
+
+impl NlError {
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NlError::Io(e) => e.raw_os_error(),
+            NlError::Decode(_) => None,
+        }
+    }
+    pub fn is(&self, errno: i32) -> bool {
+        self.errno() == Some(errno)
+    }
+}
+
+pub type NlResult<T> = Result<T, NlError>;
+
+/// A synchronous rtnetlink socket.
+pub struct Netlink {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Netlink {
+    /// A socket in the caller's current network namespace.
+    pub fn open() -> NlResult<Self> {
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        // Extended acks give the kernel's reason text on errors; harmless if unsupported.
+        let _ = sock.set_ext_ack(true);
+        Ok(Netlink {
+            sock,
+            seq: 0,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// A socket inside the network namespace `ns` (e.g. `/proc/<pid>/ns/net`).
+    pub fn open_in(ns: BorrowedFd<'_>) -> NlResult<Self> {
+        netns::with_netns(ns, Netlink::open).map_err(NlError::Io)?
+    }
+
+    fn send(&mut self, msg: RouteNetlinkMessage, flags: u16) -> NlResult<u32> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        nl.finalize();
+        let mut out = vec![0u8; nl.buffer_len()];
+        nl.serialize(&mut out);
+        self.sock.send(&out, 0)?;
+        Ok(self.seq)
+    }
+
+    /// Sends a request and collects the answers until the ack, error or end of dump.
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> NlResult<Vec<RouteNetlinkMessage>> {
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let seq = self.send(msg, flags | if dump { 0 } else { NLM_F_ACK })?;
+        // Non-dump requests carry NLM_F_ACK: their answer (if any) is followed by the ack.
+        let mut out = Vec::new();
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            let mut off = 0;
+            while off < n {
+                let len = NetlinkBuffer::new_checked(&self.buf[off..n])
+                    .map_err(|e| NlError::Decode(e.to_string()))?
+                    .length() as usize;
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..off + len])
+                        .map_err(|e| NlError::Decode(e.to_string()))?;
+                off += (len + 3) & !3;
+                if msg.header.sequence_number != seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Error(e) => match e.code {
+                        None => return Ok(out),
+                        Some(code) => return Err(io::Error::from_raw_os_error(-code.get()).into()),
+                    },
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::InnerMessage(m) => out.push(m),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// The link named `name`, or ENODEV.
+    pub fn link_by_name(&mut self, name: &str) -> NlResult<LinkMessage> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        let seq_msgs = self.request(RouteNetlinkMessage::GetLink(m), 0)?;
+        seq_msgs
+            .into_iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV).into())
+    }
+
+    /// Index of the link named `name`, `None` if it does not exist.
+    pub fn index_of(&mut self, name: &str) -> NlResult<Option<u32>> {
+        match self.link_by_name(name) {
+            Ok(l) => Ok(Some(l.header.index)),
+            Err(e) if e.is(libc::ENODEV) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates a bridge, up, with a fixed MAC.
+    pub fn add_bridge(&mut self, name: &str, mac: [u8; 6]) -> NlResult<()> {
+        let mut m = LinkMessage::default();
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        m.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Bridge),
+            // No forwarding delay (STP is off by default): a container's port forwards at once.
+            LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::ForwardDelay(0)])),
+        ]));
+        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)?;
+        Ok(())
+    }
+
+    /// Creates a veth pair in one message: `host` (up, enslaved to `master`) in this namespace,
+    /// `peer` (down) created directly inside the namespace `peer_ns`.
+    pub fn add_veth(
+        &mut self,
+        host: &str,
+        master: u32,
+        peer: &str,
+        peer_ns: BorrowedFd<'_>,
+        mtu: Option<u32>,
+    ) -> NlResult<()> {
+        // The peer cannot be brought up here: the kernel opens it before the pair is linked
+        // (ENOTCONN). The caller brings it up inside its namespace.
+        let mut p = LinkMessage::default();
+        p.attributes.push(LinkAttribute::IfName(peer.to_string()));
+        p.attributes
+            .push(LinkAttribute::NetNsFd(peer_ns.as_raw_fd()));
+        let mut m = LinkMessage::default();
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        m.attributes.push(LinkAttribute::IfName(host.to_string()));
+        m.attributes.push(LinkAttribute::Controller(master));
+        if let Some(mtu) = mtu {
+            m.attributes.push(LinkAttribute::Mtu(mtu));
+            p.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
+        ]));
+        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)?;
+        Ok(())
+    }
+
+    /// Deletes a link by name; `Ok(false)` if it was already gone.
+    pub fn del_link(&mut self, name: &str) -> NlResult<bool> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        match self.request(RouteNetlinkMessage::DelLink(m), 0) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is(libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Brings a link up by name.
+    pub fn set_up(&mut self, name: &str) -> NlResult<()> {
+        let mut m = LinkMessage::default();
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        self.request(RouteNetlinkMessage::SetLink(m), 0)?;
+        Ok(())
+    }
+
+    /// Adds an IPv4 address; EEXIST is passed up for the caller to judge.
+    pub fn add_addr4(&mut self, index: u32, ip: Ipv4Addr, prefix: u8) -> NlResult<()> {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.prefix_len = prefix;
+        m.header.index = index;
+        m.header.scope = AddressScope::Universe;
+        m.attributes.push(AddressAttribute::Local(IpAddr::V4(ip)));
+        m.attributes.push(AddressAttribute::Address(IpAddr::V4(ip)));
+        if prefix < 31 {
+            let host_mask = u32::MAX >> prefix;
+            m.attributes
+                .push(AddressAttribute::Broadcast(Ipv4Addr::from(
+                    u32::from(ip) | host_mask,
+                )));
+        }
+        self.request(
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        Ok(())
+    }
+
+    /// Adds an IPv4 route `dst/prefix` via `gateway` out of `oif` in the main table.
+    pub fn add_route4(
+        &mut self,
+        dst: Ipv4Addr,
+        prefix: u8,
+        gateway: Option<Ipv4Addr>,
+        oif: u32,
+    ) -> NlResult<()> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.destination_prefix_length = prefix;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::Boot;
+        m.header.scope = if gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+        m.header.kind = RouteType::Unicast;
+        if prefix > 0 {
+            m.attributes
+                .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        }
+        if let Some(gw) = gateway {
+            m.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+        }
+        m.attributes.push(RouteAttribute::Oif(oif));
+        self.request(RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_EXCL)?;
+        Ok(())
+    }
+
+    /// IPv4 addresses of the interface holding the default route (first one), for `ports list`.
+    pub fn default_route_source(&mut self) -> NlResult<Option<Ipv4Addr>> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        let routes = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+        let oif = routes.iter().find_map(|r| match r {
+            RouteNetlinkMessage::NewRoute(r)
+                if r.header.destination_prefix_length == 0
+                    && r.header.table == RouteHeader::RT_TABLE_MAIN =>
+            {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+            }
+            _ => None,
+        });
+        let mut q = AddressMessage::default();
+        q.header.family = AddressFamily::Inet;
+        let addrs = self.request(RouteNetlinkMessage::GetAddress(q), NLM_F_DUMP)?;
+        let mut first_global = None;
+        for a in addrs {
+            if let RouteNetlinkMessage::NewAddress(a) = a {
+                let ip = a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                });
+                let Some(ip) = ip else { continue };
+                if Some(a.header.index) == oif {
+                    return Ok(Some(ip));
+                }
+                if first_global.is_none() && a.header.scope == AddressScope::Universe {
+                    first_global = Some(ip);
+                }
+            }
+        }
+        Ok(first_global)
+    }
+}
+
+impl AsFd for Netlink {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the socket's fd lives as long as `self`.
+        unsafe { BorrowedFd::borrow_raw(self.sock.as_raw_fd()) }
+    }
+}

@@ -1,0 +1,116 @@
+//! `shim`: an OCI hook giving containers the Amazon ECS network modes.
+
+mod alloc;
+mod commands;
+mod config;
+mod firewall;
+mod kernel;
+mod modes;
+mod oci;
+mod request;
+mod state;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use commands::Globals;
+
+#[derive(Parser)]
+#[command(
+    name = "shim",
+    version,
+    about = "Container network modes (bridge, host, awsvpc, none) as an OCI hook"
+)]
+struct Cli {
+    /// Where the ledger and its lock live.
+    #[arg(
+        long,
+        env = "NETSHIM_STATE_DIR",
+        default_value = "/run/netshim",
+        global = true
+    )]
+    state_dir: PathBuf,
+    /// Optional TOML config file.
+    #[arg(
+        long,
+        env = "NETSHIM_CONFIG",
+        default_value = "/etc/netshim/config.toml",
+        global = true
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run as an OCI hook: the OCI state JSON on stdin.
+    Hook {
+        #[arg(value_enum)]
+        stage: commands::hook::Stage,
+    },
+    /// Host ports and addresses, for load-balancer registration.
+    Ports {
+        #[command(subcommand)]
+        cmd: PortsCmd,
+    },
+    /// Release containers whose process is gone (missed poststop, crash).
+    Gc,
+    /// Re-apply netshim's firewall table from the state (after a firewall reload).
+    Reload,
+    /// Remove netshim's bridge and firewall table.
+    Reset {
+        /// Also release containers still recorded.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PortsCmd {
+    /// List every mapped port.
+    List {
+        /// JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only this container.
+        #[arg(long)]
+        container: Option<String>,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let g = Globals {
+        state_dir: cli.state_dir,
+        config: cli.config,
+    };
+    let r = match cli.cmd {
+        Cmd::Hook { stage } => commands::hook::run(&g, stage),
+        Cmd::Ports {
+            cmd:
+                PortsCmd::List {
+                    json,
+                    container,
+                    service,
+                },
+        } => commands::ports::list(&g, json, container.as_deref(), service.as_deref()),
+        Cmd::Gc => commands::gc::gc(&g),
+        Cmd::Reload => commands::gc::reload(&g),
+        Cmd::Reset { force } => commands::gc::reset(&g, force),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: "shim: <what failed>: <why>".
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("shim: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
