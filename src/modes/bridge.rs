@@ -341,7 +341,7 @@ mod tests {
                 });
             }
             for line in script.lines() {
-                if line.starts_with("add table") {
+                if line.starts_with("add table") || line.starts_with("table ip") {
                     self.table = true;
                 } else if line.starts_with("delete table") {
                     self.table = false;
