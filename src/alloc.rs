@@ -65,14 +65,17 @@ impl PortProbe for NoProbe {
     }
 }
 
+/// Claims on one protocol/port: (host address or all, container id).
+type Claims = Vec<(Option<Ipv4Addr>, String)>;
+
 /// Who holds which host port, built from the ledger once per hook run.
 pub struct PortLedger {
-    held: HashMap<(Protocol, u16), Vec<(Option<Ipv4Addr>, String)>>,
+    held: HashMap<(Protocol, u16), Claims>,
 }
 
 impl PortLedger {
     pub fn from_state(state: &State) -> Self {
-        let mut held: HashMap<(Protocol, u16), Vec<(Option<Ipv4Addr>, String)>> = HashMap::new();
+        let mut held: HashMap<(Protocol, u16), Claims> = HashMap::new();
         for c in state.containers.values() {
             for p in &c.ports {
                 held.entry((p.protocol, p.host_port))

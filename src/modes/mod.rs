@@ -25,7 +25,7 @@ pub trait Kernel {
     ) -> Result<u32, NlError>;
     /// Host sysctls the bridge needs (forwarding; route_localnet on the bridge).
     fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<()>;
-    /// veth pair: `host` on `master` here, `peer` inside `netns`.
+    /// veth pair: `host` on `master` here (hairpin on), `peer` inside `netns`.
     fn add_veth(
         &mut self,
         host: &str,
@@ -118,7 +118,13 @@ impl Kernel for HostKernel {
         netns: &File,
     ) -> Result<(), NlError> {
         use std::os::fd::AsFd;
-        self.nl()?.add_veth(host, master, peer, netns.as_fd(), None)
+        let nl = self.nl()?;
+        nl.add_veth(host, master, peer, netns.as_fd(), None)?;
+        if let Err(e) = nl.set_hairpin(host) {
+            let _ = nl.del_link(host);
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn configure_container(

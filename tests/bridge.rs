@@ -1,0 +1,481 @@
+//! Bridge mode against real namespaces, veths and nftables, with real TCP and UDP traffic.
+//! Needs root; each test runs in its own host namespace, so they run in parallel.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+
+const CFG: &str = "[ports]\ndynamic_range = \"40000-40999\"\n";
+const SHORT: Duration = Duration::from_millis(1500);
+const PATIENT: Duration = Duration::from_secs(4);
+
+macro_rules! root_only {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+    };
+}
+
+#[test]
+fn mapped_ports_carry_tcp_and_udp_from_every_source() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    let b = rig.container();
+    must_succeed(
+        &rig.setup(
+            a,
+            r#"[{"containerPort":80},{"containerPort":53,"protocol":"udp"}]"#,
+        ),
+        "setup a",
+    );
+    must_succeed(&rig.setup(b, r#"[{"containerPort":80}]"#), "setup b");
+    tcp_server(&rig.containers[a].ns, 80, "hello from a");
+    tcp_server(&rig.containers[b].ns, 80, "hello from b");
+    udp_server(&rig.containers[a].ns, 53, "udp from a");
+    let (pa, pb, pu) = (
+        rig.host_port(a, 80, "tcp"),
+        rig.host_port(b, 80, "tcp"),
+        rig.host_port(a, 53, "udp"),
+    );
+    assert_ne!(pa, pb);
+    for p in [pa, pb, pu] {
+        assert!(
+            (40000..=40999).contains(&p),
+            "{p} outside the dynamic range"
+        );
+    }
+
+    // Another machine, through the host's address.
+    assert_eq!(
+        tcp_get(&rig.client, HOST_IP, pa, PATIENT).unwrap(),
+        "hello from a"
+    );
+    assert_eq!(
+        tcp_get(&rig.client, HOST_IP, pb, PATIENT).unwrap(),
+        "hello from b"
+    );
+    let u = udp_client(&rig.client, 5555);
+    assert_eq!(udp_ask(&u, HOST_IP, pu).unwrap(), "udp from a");
+    // The host itself, via 127.0.0.1 and via the bridge's gateway address.
+    assert_eq!(
+        tcp_get(&rig.host, "127.0.0.1".parse().unwrap(), pa, PATIENT).unwrap(),
+        "hello from a"
+    );
+    assert_eq!(
+        tcp_get(&rig.host, GATEWAY, pb, PATIENT).unwrap(),
+        "hello from b"
+    );
+    // Hairpin: a container to another container's and to its own host port.
+    assert_eq!(
+        tcp_get(&rig.containers[a].ns, GATEWAY, pb, PATIENT).unwrap(),
+        "hello from b"
+    );
+    assert_eq!(
+        tcp_get(&rig.containers[a].ns, HOST_IP, pa, PATIENT).unwrap(),
+        "hello from a"
+    );
+    assert_eq!(
+        tcp_get(&rig.containers[b].ns, HOST_IP, pa, PATIENT).unwrap(),
+        "hello from a"
+    );
+
+    // Teardown releases everything, and the port stops answering.
+    must_succeed(&rig.poststop(a), "poststop a");
+    must_succeed(&rig.poststop(b), "poststop b");
+    assert!(rig.veths().is_empty(), "veths left: {:?}", rig.veths());
+    assert_eq!(rig.nft_elements(), "", "map elements left");
+    assert!(rig.recorded().is_empty());
+    assert!(rig.ports().is_empty());
+    assert!(tcp_get(&rig.client, HOST_IP, pa, Duration::ZERO).is_err());
+}
+
+#[test]
+fn loopback_addressed_packets_from_outside_are_dropped() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");
+    tcp_server(&rig.containers[a].ns, 80, "secret");
+    let p = rig.host_port(a, 80, "tcp");
+    // The "other machine" crafts packets to 127.0.0.5 and routes them to the host.
+    let (c, link) = (rig.client.clone(), rig.client_link());
+    ip(&[
+        "-n",
+        &c,
+        "route",
+        "del",
+        "local",
+        "127.0.0.0/8",
+        "dev",
+        "lo",
+        "table",
+        "local",
+    ]);
+    ip(&[
+        "-n",
+        &c,
+        "route",
+        "add",
+        "127.0.0.5/32",
+        "via",
+        &HOST_IP.to_string(),
+    ]);
+    let sysctl = format!("/proc/sys/net/ipv4/conf/{link}/route_localnet");
+    in_ns(&c, move || fs::write(sysctl, "1").expect("route_localnet"));
+    assert_eq!(
+        tcp_get(&rig.client, HOST_IP, p, PATIENT).unwrap(),
+        "secret",
+        "control: the mapping works"
+    );
+    let lo = "127.0.0.5".parse().unwrap();
+    assert!(
+        tcp_get(&rig.client, lo, p, SHORT).is_err(),
+        "127/8 from outside must be dropped"
+    );
+    // The guard is what stops it: without it the same packets reach the container.
+    rig.nft(&["flush", "chain", "ip", "netshim", "guard"]);
+    assert_eq!(tcp_get(&rig.client, lo, p, PATIENT).unwrap(), "secret");
+}
+
+#[test]
+fn static_conflicts_reserved_and_host_listeners_are_refused_and_leave_nothing() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let (a, b) = (rig.container(), rig.container());
+    must_succeed(
+        &rig.setup(a, r#"[{"containerPort":80,"hostPort":18080}]"#),
+        "setup a",
+    );
+    tcp_server(&rig.containers[a].ns, 80, "first");
+    let id_a = rig.containers[a].id.clone();
+    must_fail_with(
+        &rig.setup(b, r#"[{"containerPort":80,"hostPort":18080}]"#),
+        &["18080/tcp", &id_a],
+    );
+    must_fail_with(
+        &rig.setup(b, r#"[{"containerPort":80,"hostPort":22}]"#),
+        &["22/tcp", "reserved"],
+    );
+    // A host process listening on the port.
+    let _l = in_ns(&rig.host, || {
+        std::net::TcpListener::bind(("0.0.0.0", 18090)).expect("bind")
+    });
+    must_fail_with(
+        &rig.setup(b, r#"[{"containerPort":80,"hostPort":18090}]"#),
+        &["18090/tcp", "in use on the host", "pid"],
+    );
+    let _u = in_ns(&rig.host, || {
+        std::net::UdpSocket::bind(("0.0.0.0", 18091)).expect("bind")
+    });
+    must_fail_with(
+        &rig.setup(
+            b,
+            r#"[{"containerPort":53,"hostPort":18091,"protocol":"udp"}]"#,
+        ),
+        &["18091/udp"],
+    );
+    // The first keeps serving; the refused one left nothing.
+    assert_eq!(
+        tcp_get(&rig.client, HOST_IP, 18080, PATIENT).unwrap(),
+        "first"
+    );
+    assert_eq!(rig.recorded(), vec![id_a]);
+    assert_eq!(rig.veths().len(), 1);
+    assert_eq!(rig.nft_elements().lines().count(), 1);
+}
+
+#[test]
+fn dynamic_picks_skip_ports_host_processes_hold() {
+    root_only!();
+    let mut rig = Rig::new("[ports]\ndynamic_range = \"41000-41002\"\n");
+    let _l = in_ns(&rig.host, || {
+        std::net::TcpListener::bind(("0.0.0.0", 41000)).expect("bind")
+    });
+    let a = rig.container();
+    must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");
+    assert_eq!(rig.host_port(a, 80, "tcp"), 41001);
+}
+
+#[test]
+fn bad_input_is_refused_with_one_line_and_changes_nothing() {
+    root_only!();
+    let mut rig = Rig::new("[ports]\ndynamic_range = \"42000-42001\"\n");
+    let ok = rig.container();
+    must_succeed(
+        &rig.setup(ok, r#"[{"containerPort":80}]"#),
+        "baseline setup",
+    );
+    let bad = rig.container();
+    let before = fs::read(rig.state_dir().join("state.json")).unwrap();
+    let cases: &[(&str, &str, &[&str])] = &[
+        ("bridge", r#"[{"containerPort":80"#, &["not valid JSON"]),
+        ("overlay", "[]", &["unknown network mode \"overlay\""]),
+        (
+            "bridge",
+            r#"[{"containerPort":0}]"#,
+            &["containerPort", "1-65535"],
+        ),
+        ("bridge", r#"[{"containerPort":70000}]"#, &["1-65535"]),
+        (
+            "bridge",
+            r#"[{"containerPort":"80"}]"#,
+            &["drop the quotes"],
+        ),
+        (
+            "bridge",
+            r#"[{"containerPort":80,"protocol":"sctp"}]"#,
+            &["unknown protocol \"sctp\""],
+        ),
+        (
+            "bridge",
+            r#"[{"containerPort":80},{"containerPort":80}]"#,
+            &["already mapped"],
+        ),
+        (
+            "bridge",
+            r#"[{"containerPortRange":"90-80"}]"#,
+            &["reversed"],
+        ),
+        (
+            "bridge",
+            r#"[{"containerPort":80,"hostPort":22}]"#,
+            &["reserved"],
+        ),
+    ];
+    for (mode, maps, needles) in cases {
+        let st = rig.oci_state(
+            bad,
+            &[
+                ("netshim.network-mode", mode),
+                ("netshim.port-mappings", maps),
+            ],
+        );
+        must_fail_with(&rig.shim(&["hook", "createRuntime"], &st), needles);
+    }
+    // Exhausted range: one port left, a request for two.
+    must_fail_with(
+        &rig.setup(bad, r#"[{"containerPort":80},{"containerPort":81}]"#),
+        &["42000-42001", "widen ports.dynamic_range"],
+    );
+    // A pid that does not exist.
+    let st = rig
+        .oci_state(bad, &[("netshim.network-mode", "bridge")])
+        .replace(
+            &format!("\"pid\":{}", rig.containers[bad].pid()),
+            "\"pid\":999999999",
+        );
+    must_fail_with(
+        &rig.shim(&["hook", "createRuntime"], &st),
+        &["pid 999999999"],
+    );
+    assert_eq!(
+        fs::read(rig.state_dir().join("state.json")).unwrap(),
+        before,
+        "state changed"
+    );
+    assert_eq!(rig.veths().len(), 1);
+    assert_eq!(rig.nft_elements().lines().count(), 1);
+
+    // An unknown config key is named.
+    fs::write(rig.config_path(), "[ports]\ndynamic_rnage = \"1-2\"\n").unwrap();
+    must_fail_with(&rig.setup(bad, "[]"), &["dynamic_rnage"]);
+    fs::write(rig.config_path(), CFG).unwrap();
+    // A corrupt state file is refused and left as it is.
+    fs::write(rig.state_dir().join("state.json"), b"{garbage").unwrap();
+    must_fail_with(&rig.setup(bad, "[]"), &["corrupt"]);
+    assert_eq!(
+        fs::read(rig.state_dir().join("state.json")).unwrap(),
+        b"{garbage"
+    );
+    assert_eq!(rig.veths().len(), 1);
+    fs::write(rig.state_dir().join("state.json"), &before).unwrap();
+}
+
+#[test]
+fn containers_without_the_mode_annotation_are_left_alone() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    must_succeed(
+        &rig.shim(
+            &["hook", "createRuntime"],
+            &rig.oci_state(a, &[("other", "x")]),
+        ),
+        "no annotation",
+    );
+    assert!(!rig.state_dir().exists() || rig.recorded().is_empty());
+    assert!(rig.veths().is_empty());
+    must_succeed(&rig.poststop(a), "poststop of an unknown container");
+}
+
+#[test]
+fn poststop_works_from_state_alone_and_is_idempotent() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    must_succeed(
+        &rig.setup(
+            a,
+            r#"[{"containerPort":80},{"containerPort":53,"protocol":"udp"}]"#,
+        ),
+        "setup",
+    );
+    // The runtime has already killed the process and destroyed the netns.
+    rig.containers[a].destroy();
+    must_succeed(&rig.poststop(a), "poststop");
+    must_succeed(&rig.poststop(a), "second poststop");
+    assert!(rig.veths().is_empty());
+    assert_eq!(rig.nft_elements(), "");
+    assert!(rig.recorded().is_empty());
+}
+
+#[test]
+fn setup_twice_for_one_container_is_a_no_op_and_a_reused_id_is_replaced() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "createRuntime");
+    let p = rig.host_port(a, 80, "tcp");
+    must_succeed(
+        &rig.shim(
+            &["hook", "prestart"],
+            &rig.oci_state(
+                a,
+                &[
+                    ("netshim.network-mode", "bridge"),
+                    ("netshim.port-mappings", r#"[{"containerPort":80}]"#),
+                ],
+            ),
+        ),
+        "prestart",
+    );
+    assert_eq!(rig.veths().len(), 1);
+    assert_eq!(rig.host_port(a, 80, "tcp"), p);
+    // Same id, new container (the earlier one never got its poststop).
+    rig.containers[a].destroy();
+    let b = rig.container();
+    rig.containers[b].id = rig.containers[a].id.clone();
+    must_succeed(
+        &rig.setup(b, r#"[{"containerPort":80}]"#),
+        "setup of the reused id",
+    );
+    tcp_server(&rig.containers[b].ns, 80, "new one");
+    assert_eq!(rig.veths().len(), 1);
+    assert_eq!(
+        tcp_get(&rig.client, HOST_IP, rig.host_port(b, 80, "tcp"), PATIENT).unwrap(),
+        "new one"
+    );
+}
+
+#[test]
+fn udp_conntrack_is_flushed_so_a_replacement_gets_the_traffic() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    must_succeed(
+        &rig.setup(
+            a,
+            r#"[{"containerPort":53,"hostPort":15353,"protocol":"udp"}]"#,
+        ),
+        "setup a",
+    );
+    udp_server(&rig.containers[a].ns, 53, "old");
+    let client = udp_client(&rig.client, 6666);
+    assert_eq!(udp_ask(&client, HOST_IP, 15353).unwrap(), "old");
+    must_succeed(&rig.poststop(a), "poststop a");
+    rig.containers[a].destroy();
+    let b = rig.container();
+    must_succeed(
+        &rig.setup(
+            b,
+            r#"[{"containerPort":53,"hostPort":15353,"protocol":"udp"}]"#,
+        ),
+        "setup b",
+    );
+    udp_server(&rig.containers[b].ns, 53, "new");
+    // Same client socket, same 5-tuple: a stale conntrack entry would still point at a.
+    assert_eq!(udp_ask(&client, HOST_IP, 15353).unwrap(), "new");
+}
+
+#[test]
+fn concurrent_setups_get_distinct_addresses_and_ports() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let n = 8;
+    for _ in 0..n {
+        rig.container();
+    }
+    let states: Vec<String> = (0..n)
+        .map(|i| {
+            rig.oci_state(
+                i,
+                &[
+                    ("netshim.network-mode", "bridge"),
+                    ("netshim.port-mappings", r#"[{"containerPort":80}]"#),
+                ],
+            )
+        })
+        .collect();
+    let rig = std::sync::Arc::new(rig);
+    let handles: Vec<_> = states
+        .into_iter()
+        .map(|st| {
+            let r = rig.clone();
+            std::thread::spawn(move || r.shim(&["hook", "createRuntime"], &st))
+        })
+        .collect();
+    for h in handles {
+        must_succeed(&h.join().unwrap(), "parallel setup");
+    }
+    let ports = rig.ports();
+    assert_eq!(ports.len(), n);
+    let mut hp: Vec<u64> = ports
+        .iter()
+        .map(|p| p["hostPort"].as_u64().unwrap())
+        .collect();
+    let mut ips: Vec<String> = ports
+        .iter()
+        .map(|p| p["containerIP"].as_str().unwrap().to_string())
+        .collect();
+    hp.sort();
+    hp.dedup();
+    ips.sort();
+    ips.dedup();
+    assert_eq!((hp.len(), ips.len()), (n, n));
+    assert_eq!(rig.veths().len(), n);
+}
+
+#[test]
+fn reload_restores_mappings_after_a_firewall_wipe() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");
+    tcp_server(&rig.containers[a].ns, 80, "back");
+    let p = rig.host_port(a, 80, "tcp");
+    assert_eq!(tcp_get(&rig.client, HOST_IP, p, PATIENT).unwrap(), "back");
+    rig.nft(&["delete", "table", "ip", "netshim"]);
+    assert!(tcp_get(&rig.client, HOST_IP, p, SHORT).is_err());
+    must_succeed(&rig.shim(&["reload"], ""), "reload");
+    assert_eq!(tcp_get(&rig.client, HOST_IP, p, PATIENT).unwrap(), "back");
+}
+
+#[test]
+fn gc_releases_containers_whose_process_is_gone() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let (a, b) = (rig.container(), rig.container());
+    must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup a");
+    must_succeed(&rig.setup(b, r#"[{"containerPort":80}]"#), "setup b");
+    rig.containers[a].destroy();
+    must_succeed(&rig.shim(&["gc"], ""), "gc");
+    assert_eq!(rig.recorded(), vec![rig.containers[b].id.clone()]);
+    assert_eq!(rig.veths().len(), 1);
+    assert_eq!(rig.nft_elements().lines().count(), 1);
+}

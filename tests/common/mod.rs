@@ -1,0 +1,433 @@
+//! Test rig for integration tests that need root: a private "host" network namespace where the
+//! shim runs (its bridge and firewall table live there, never on the real host), container
+//! namespaces with a process inside, and a "client machine" namespace routed to the host.
+//! Everything is named with a unique prefix and removed on drop, also when a test fails.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const SHIM: &str = env!("CARGO_BIN_EXE_shim");
+/// The host's address on the link to the client namespace.
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Whether this process may create namespaces (root). Root-only tests return early otherwise.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn ip(args: &[&str]) {
+    run(Command::new("/usr/sbin/ip").args(args));
+}
+
+/// Runs `f` on a thread inside netns `ns` (sockets it creates stay in that namespace).
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let fd = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns on this thread only, with a valid netns fd.
+        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        f()
+    })
+    .join()
+    .expect("thread in netns panicked")
+}
+
+/// A command that starts inside netns `ns`.
+pub fn command_in(ns: &str, program: &str) -> Command {
+    let f = File::open(format!("/run/netns/{ns}")).expect("open netns");
+    let mut c = Command::new(program);
+    // SAFETY: only setns between fork and exec; f stays alive as it is moved into the closure.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+/// A container stand-in: a netns with a sleeping process whose pid the hook gets.
+pub struct Container {
+    pub id: String,
+    pub ns: String,
+    pub child: Option<Child>,
+}
+
+impl Container {
+    pub fn pid(&self) -> i64 {
+        self.child.as_ref().map(|c| i64::from(c.id())).unwrap_or(0)
+    }
+    /// Kills the process and deletes the netns (as a runtime does before poststop).
+    pub fn destroy(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("/usr/sbin/ip")
+            .args(["netns", "del", &self.ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+pub struct Rig {
+    pub prefix: String,
+    pub host: String,
+    pub client: String,
+    pub dir: PathBuf,
+    pub containers: Vec<Container>,
+    pub extra_ns: Vec<String>,
+}
+
+impl Rig {
+    /// A host namespace (lo up) linked to a client namespace, a private state dir and config.
+    pub fn new(config: &str) -> Rig {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("nsi{}x{n}", std::process::id() % 100_000);
+        let host = format!("{prefix}h");
+        let client = format!("{prefix}k");
+        let dir = std::env::temp_dir().join(format!("{prefix}.d"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("temp dir");
+        let rig = Rig {
+            prefix: prefix.clone(),
+            host: host.clone(),
+            client: client.clone(),
+            dir,
+            containers: vec![],
+            extra_ns: vec![],
+        };
+        fs::write(rig.config_path(), config).expect("config");
+        ip(&["netns", "add", &host]);
+        ip(&["netns", "add", &client]);
+        ip(&["-n", &host, "link", "set", "lo", "up"]);
+        ip(&["-n", &client, "link", "set", "lo", "up"]);
+        let (hv, cv) = (format!("{prefix}a"), format!("{prefix}b"));
+        ip(&[
+            "-n", &host, "link", "add", &hv, "type", "veth", "peer", "name", &cv, "netns", &client,
+        ]);
+        ip(&[
+            "-n",
+            &host,
+            "addr",
+            "add",
+            &format!("{HOST_IP}/30"),
+            "dev",
+            &hv,
+        ]);
+        ip(&["-n", &host, "link", "set", &hv, "up"]);
+        ip(&[
+            "-n",
+            &client,
+            "addr",
+            "add",
+            &format!("{CLIENT_IP}/30"),
+            "dev",
+            &cv,
+        ]);
+        ip(&["-n", &client, "link", "set", &cv, "up"]);
+        ip(&[
+            "-n",
+            &client,
+            "route",
+            "add",
+            "default",
+            "via",
+            &HOST_IP.to_string(),
+        ]);
+        rig
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+    pub fn client_link(&self) -> String {
+        format!("{}b", self.prefix)
+    }
+
+    /// A new container namespace with a process in it.
+    pub fn container(&mut self) -> usize {
+        let i = self.containers.len();
+        let ns = format!("{}c{i}", self.prefix);
+        ip(&["netns", "add", &ns]);
+        let child = command_in(&ns, "/bin/sleep")
+            .arg("600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        self.containers.push(Container {
+            id: format!("{}-ctr{i}", self.prefix),
+            ns,
+            child: Some(child),
+        });
+        i
+    }
+
+    /// Runs `shim` inside the host namespace with the rig's state dir and config.
+    pub fn shim(&self, args: &[&str], stdin: &str) -> Output {
+        let mut c = command_in(&self.host, SHIM);
+        c.args(args)
+            .env_clear()
+            .env("NETSHIM_STATE_DIR", self.state_dir())
+            .env("NETSHIM_CONFIG", self.config_path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn shim");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("wait shim")
+    }
+
+    /// The OCI state a runtime would send for container `i` with these annotations.
+    pub fn oci_state(&self, i: usize, annotations: &[(&str, &str)]) -> String {
+        let c = &self.containers[i];
+        let ann: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string())))
+            .collect();
+        serde_json::json!({"ociVersion": "1.0.2", "id": c.id, "status": "creating", "pid": c.pid(), "bundle": "/nonexistent", "annotations": ann}).to_string()
+    }
+
+    /// createRuntime for container `i` in bridge mode with `mappings`.
+    pub fn setup(&self, i: usize, mappings: &str) -> Output {
+        self.shim(
+            &["hook", "createRuntime"],
+            &self.oci_state(
+                i,
+                &[
+                    ("netshim.network-mode", "bridge"),
+                    ("netshim.port-mappings", mappings),
+                ],
+            ),
+        )
+    }
+
+    pub fn poststop(&self, i: usize) -> Output {
+        let id = &self.containers[i].id;
+        self.shim(
+            &["hook", "poststop"],
+            &format!(
+                r#"{{"ociVersion":"1.0.2","id":"{id}","status":"stopped","bundle":"/nonexistent"}}"#
+            ),
+        )
+    }
+
+    /// `ports list --json` as values.
+    pub fn ports(&self) -> Vec<serde_json::Value> {
+        let out = self.shim(&["ports", "list", "--json"], "");
+        assert!(
+            out.status.success(),
+            "ports list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("ports list json")
+    }
+
+    /// Host port of container `i`'s mapping of `container_port`/`proto`.
+    pub fn host_port(&self, i: usize, container_port: u16, proto: &str) -> u16 {
+        let id = &self.containers[i].id;
+        self.ports()
+            .iter()
+            .find(|p| {
+                p["containerId"] == id.as_str()
+                    && p["containerPort"] == container_port
+                    && p["protocol"] == proto
+            })
+            .and_then(|p| p["hostPort"].as_u64())
+            .unwrap_or_else(|| panic!("no {container_port}/{proto} mapping for {id}"))
+            as u16
+    }
+
+    /// Links named like the shim's veths in the host namespace.
+    pub fn veths(&self) -> Vec<String> {
+        let out = run(Command::new("/usr/sbin/ip").args(["-n", &self.host, "-o", "link", "show"]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with("nsh"))
+            .collect()
+    }
+
+    /// Elements of the shim's `ports` map in the host namespace ("" if the table is absent).
+    pub fn nft_elements(&self) -> String {
+        let out = command_in(&self.host, "/usr/sbin/nft")
+            .args(["list", "map", "ip", "netshim", "ports"])
+            .output()
+            .expect("nft");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines()
+            .filter(|l| l.contains(':') && !l.contains("type"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn nft(&self, args: &[&str]) -> Output {
+        run(command_in(&self.host, "/usr/sbin/nft").args(args))
+    }
+
+    /// The state file's containers (empty if the file is absent).
+    pub fn recorded(&self) -> Vec<String> {
+        match fs::read(self.state_dir().join("state.json")) {
+            Ok(b) => {
+                let v: serde_json::Value = serde_json::from_slice(&b).expect("state json");
+                v["containers"]
+                    .as_object()
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default()
+            }
+            Err(_) => vec![],
+        }
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for c in &mut self.containers {
+            c.destroy();
+        }
+        for ns in self.extra_ns.iter().chain([&self.client, &self.host]) {
+            let _ = Command::new("/usr/sbin/ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP server in netns `ns` answering every connection with `reply` (runs until the ns goes).
+pub fn tcp_server(ns: &str, port: u16, reply: &str) {
+    let reply = reply.to_string();
+    let l = in_ns(ns, move || {
+        TcpListener::bind(("0.0.0.0", port)).expect("bind tcp")
+    });
+    thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut s = s;
+            let _ = s.write_all(reply.as_bytes());
+        }
+    });
+}
+
+/// A UDP server in netns `ns` answering each datagram with `reply`.
+pub fn udp_server(ns: &str, port: u16, reply: &str) {
+    let reply = reply.to_string();
+    let s = in_ns(ns, move || {
+        UdpSocket::bind(("0.0.0.0", port)).expect("bind udp")
+    });
+    thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(reply.as_bytes(), from);
+        }
+    });
+}
+
+/// Connects from netns `ns` to `addr:port` and reads the greeting; retries until `patience`.
+pub fn tcp_get(ns: &str, addr: Ipv4Addr, port: u16, patience: Duration) -> Result<String, String> {
+    in_ns(ns, move || {
+        let deadline = Instant::now() + patience;
+        let target = SocketAddr::from((addr, port));
+        loop {
+            let r = TcpStream::connect_timeout(&target, Duration::from_millis(700)).and_then(
+                |mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut out = String::new();
+                    s.read_to_string(&mut out)?;
+                    Ok(out)
+                },
+            );
+            match r {
+                Ok(s) if !s.is_empty() => return Ok(s),
+                Ok(_) if Instant::now() >= deadline => return Err("empty reply".into()),
+                Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
+                _ => thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+}
+
+/// Sends one datagram from `sock` and waits for an answer.
+pub fn udp_ask(sock: &UdpSocket, addr: Ipv4Addr, port: u16) -> Result<String, String> {
+    sock.set_read_timeout(Some(Duration::from_millis(700)))
+        .map_err(|e| e.to_string())?;
+    for _ in 0..3 {
+        sock.send_to(b"ping", (addr, port))
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 1500];
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            return Ok(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    }
+    Err("no UDP answer".into())
+}
+
+/// A UDP socket in netns `ns`, bound to a fixed local port (so repeated asks share a 5-tuple).
+pub fn udp_client(ns: &str, port: u16) -> UdpSocket {
+    in_ns(ns, move || {
+        UdpSocket::bind(("0.0.0.0", port)).expect("bind udp client")
+    })
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+pub fn must_succeed(o: &Output, what: &str) {
+    assert!(o.status.success(), "{what}: {}", stderr(o));
+}
+
+/// A failed hook: non-zero exit, exactly one stderr line `shim: ...` containing every `needle`.
+pub fn must_fail_with(o: &Output, needles: &[&str]) {
+    let e = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success");
+    assert_eq!(e.trim_end().lines().count(), 1, "one line expected: {e:?}");
+    assert!(e.starts_with("shim: "), "{e:?}");
+    for n in needles {
+        assert!(e.contains(n), "{e:?} lacks {n:?}");
+    }
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
