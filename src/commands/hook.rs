@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow, bail};
 use crate::commands::Globals;
 use crate::kernel::netns;
 use crate::kernel::probe::BindProbe;
-use crate::modes::{HostKernel, Kernel, bridge};
+use crate::modes::{HostKernel, Kernel, bridge, host};
 use crate::oci::{self, OciState};
 use crate::request::{self, NetworkMode};
 use crate::state::{ContainerRecord, State};
@@ -61,11 +61,8 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
     let Some(req) = request::from_annotations(&ann)? else {
         return Ok(());
     };
-    if req.mode != NetworkMode::Bridge {
-        bail!(
-            "network mode {}: not supported by this netshim yet: use bridge",
-            req.mode
-        );
+    if req.mode == NetworkMode::Awsvpc {
+        bail!("network mode awsvpc: not supported by this netshim yet: use bridge, host or none");
     }
     let cfg = g.load_config()?;
     let pid = st.host_pid().ok_or_else(|| {
@@ -75,11 +72,18 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
         anyhow!("container {}: pid {pid}: cannot open its network namespace ({e}): is the container process running?", st.id)
     })?;
     let inode = netns::inode(&ns).context("stat the container's netns")?;
-    if netns::self_inode().ok() == Some(inode) {
-        bail!(
-            "container {}: bridge mode needs a network namespace of its own, but the container shares the host's: add {{\"type\": \"network\"}} to linux.namespaces in config.json",
+    let shares_host = netns::self_inode().ok() == Some(inode);
+    match (req.mode, shares_host) {
+        (NetworkMode::Host, false) => bail!(
+            "container {}: host mode needs the host's network namespace, but the container has one of its own: remove {{\"type\": \"network\"}} from linux.namespaces in config.json (podman: --network host)",
             st.id
-        );
+        ),
+        (NetworkMode::Bridge | NetworkMode::None, true) => bail!(
+            "container {}: {} mode needs a network namespace of its own, but the container shares the host's: add {{\"type\": \"network\"}} to linux.namespaces in config.json",
+            st.id,
+            req.mode
+        ),
+        _ => {}
     }
 
     let sd = g.state();
@@ -87,7 +91,7 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
     let mut state = sd.load()?;
     let mut k = HostKernel::new();
     if let Some(old) = state.containers.get(&st.id) {
-        if old.netns_inode == Some(inode) {
+        if old.netns_inode == Some(inode) && old.pid == Some(pid) {
             // prestart and createRuntime both registered: the second call finds it done.
             return Ok(());
         }
@@ -105,11 +109,7 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
         state.containers.remove(&st.id);
     }
 
-    let plan = bridge::plan(&cfg, &mut state, &st.id, &req, &BindProbe)
-        .with_context(|| format!("bridge setup for container {}", st.id))?;
-    bridge::apply(&mut k, &cfg, &state, &plan, &ns)
-        .with_context(|| format!("bridge setup for container {}", st.id))?;
-    let rec = ContainerRecord {
+    let mut rec = ContainerRecord {
         id: st.id.clone(),
         mode: req.mode,
         service: req.service.clone(),
@@ -119,11 +119,30 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
             .unwrap_or(0),
         pid: Some(pid),
         netns_inode: Some(inode),
-        ip: Some(plan.ip),
-        veth: Some(plan.veth.clone()),
-        bridge: Some(cfg.bridge_name.clone()),
-        ports: plan.ports.clone(),
+        ip: None,
+        veth: None,
+        bridge: None,
+        ports: Vec::new(),
     };
+    let what = format!("{} setup for container {}", req.mode, st.id);
+    match req.mode {
+        NetworkMode::Bridge => {
+            let plan =
+                bridge::plan(&cfg, &mut state, &st.id, &req, &BindProbe).context(what.clone())?;
+            bridge::apply(&mut k, &cfg, &state, &plan, &ns).context(what)?;
+            rec.ip = Some(plan.ip);
+            rec.veth = Some(plan.veth);
+            rec.bridge = Some(cfg.bridge_name.clone());
+            rec.ports = plan.ports;
+        }
+        NetworkMode::Host => {
+            rec.ports = host::plan(&cfg, &mut state, &st.id, &req, &BindProbe).context(what)?;
+        }
+        NetworkMode::None => {
+            k.loopback_up(&ns).context("bring lo up").context(what)?;
+        }
+        NetworkMode::Awsvpc => bail!("{what}: not supported"),
+    }
     state.containers.insert(st.id.clone(), rec.clone());
     if let Err(e) = sd.store(&state, &lock) {
         state.containers.remove(&st.id);
@@ -137,7 +156,8 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
 pub fn release(k: &mut dyn Kernel, state: &State, rec: &ContainerRecord) -> Vec<String> {
     match rec.mode {
         NetworkMode::Bridge => bridge::teardown(k, state, rec),
-        _ => Vec::new(),
+        // Host claims live only in the ledger; none mode's lo goes with its netns.
+        NetworkMode::Host | NetworkMode::None | NetworkMode::Awsvpc => Vec::new(),
     }
 }
 

@@ -328,6 +328,9 @@ mod tests {
         ) -> Result<(), NlError> {
             self.step("configure")
         }
+        fn loopback_up(&mut self, _: &File) -> Result<(), NlError> {
+            self.step("lo")
+        }
         fn del_link(&mut self, name: &str) -> Result<bool, NlError> {
             let n = self.links.len();
             self.links.retain(|l| l != name);

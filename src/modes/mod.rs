@@ -2,6 +2,7 @@
 //! to undo them from its [`ContainerRecord`] alone.
 
 pub mod bridge;
+pub mod host;
 
 use std::fs::File;
 use std::io;
@@ -42,6 +43,8 @@ pub trait Kernel {
         prefix: u8,
         gateway: Ipv4Addr,
     ) -> Result<(), NlError>;
+    /// Inside `netns`: `lo` up (none mode).
+    fn loopback_up(&mut self, netns: &File) -> Result<(), NlError>;
     /// Deletes a host link; `Ok(false)` if it was gone.
     fn del_link(&mut self, name: &str) -> Result<bool, NlError>;
     /// One nftables transaction.
@@ -144,6 +147,11 @@ impl Kernel for HostKernel {
         nl.set_up(ifname)?;
         nl.add_addr4(idx, ip, prefix)?;
         nl.add_route4(Ipv4Addr::UNSPECIFIED, 0, Some(gateway), idx)
+    }
+
+    fn loopback_up(&mut self, netns: &File) -> Result<(), NlError> {
+        use std::os::fd::AsFd;
+        Netlink::open_in(netns.as_fd())?.set_up("lo")
     }
 
     fn del_link(&mut self, name: &str) -> Result<bool, NlError> {

@@ -80,6 +80,8 @@ pub struct Container {
     pub id: String,
     pub ns: String,
     pub child: Option<Child>,
+    /// False for host-mode containers, which live in the rig's host namespace.
+    pub owns_ns: bool,
 }
 
 impl Container {
@@ -92,10 +94,12 @@ impl Container {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new("/usr/sbin/ip")
-            .args(["netns", "del", &self.ns])
-            .stderr(Stdio::null())
-            .status();
+        if self.owns_ns {
+            let _ = Command::new("/usr/sbin/ip")
+                .args(["netns", "del", &self.ns])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -193,8 +197,42 @@ impl Rig {
             id: format!("{}-ctr{i}", self.prefix),
             ns,
             child: Some(child),
+            owns_ns: true,
         });
         i
+    }
+
+    /// A host-mode container: a process in the rig's host namespace.
+    pub fn host_container(&mut self) -> usize {
+        let i = self.containers.len();
+        let child = command_in(&self.host, "/bin/sleep")
+            .arg("600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn sleep");
+        self.containers.push(Container {
+            id: format!("{}-ctr{i}", self.prefix),
+            ns: self.host.clone(),
+            child: Some(child),
+            owns_ns: false,
+        });
+        i
+    }
+
+    /// createRuntime for container `i` in `mode` with `mappings`.
+    pub fn setup_mode(&self, i: usize, mode: &str, mappings: &str) -> Output {
+        self.shim(
+            &["hook", "createRuntime"],
+            &self.oci_state(
+                i,
+                &[
+                    ("netshim.network-mode", mode),
+                    ("netshim.port-mappings", mappings),
+                ],
+            ),
+        )
     }
 
     /// Runs `shim` inside the host namespace with the rig's state dir and config.
