@@ -1,6 +1,7 @@
 //! `shim ports list`: what load balancers register. Reads the state without the lock: the file
 //! is replaced by rename, so this never waits on a running hook nor sees half a file.
 
+use std::io::Write;
 use std::net::Ipv4Addr;
 
 use serde::Serialize;
@@ -78,9 +79,11 @@ pub fn host_address(g: &Globals) -> anyhow::Result<Ipv4Addr> {
     if let Some(a) = cfg.host_address {
         return Ok(a);
     }
-    let found = Netlink::open()
-        .ok()
-        .and_then(|mut nl| nl.default_route_source().ok().flatten());
+    let found = Netlink::open().ok().and_then(|mut nl| {
+        nl.default_route_source(&|ip| !cfg.subnet.contains(ip))
+            .ok()
+            .flatten()
+    });
     Ok(found.unwrap_or(Ipv4Addr::LOCALHOST))
 }
 
@@ -93,12 +96,17 @@ pub fn list(
     let state = g.state().load()?;
     let host = host_address(g)?;
     let rows = entries(&state, host, container, service);
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
+    let text = if json {
+        serde_json::to_string_pretty(&rows)?
+    } else {
+        table(&rows)
+    };
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|_| out.flush()) {
+        // A reader that stopped early (`| head`) is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
     }
-    println!("{}", table(&rows));
-    Ok(())
 }
 
 /// The human table.
@@ -114,7 +122,14 @@ pub fn table(rows: &[PortEntry]) -> String {
     ];
     let mut cells: Vec<[String; 7]> = vec![head.map(String::from)];
     for r in rows {
-        let id: String = r.container_id.chars().take(12).collect();
+        // 64-hex ids (podman, containerd) are shortened as those tools do; others stay whole.
+        let id = if r.container_id.len() == 64
+            && r.container_id.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            r.container_id[..12].to_string()
+        } else {
+            r.container_id.clone()
+        };
         cells.push([
             id,
             r.service.clone().unwrap_or_else(|| "-".into()),

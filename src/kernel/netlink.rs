@@ -288,8 +288,12 @@ impl Netlink {
         Ok(())
     }
 
-    /// IPv4 addresses of the interface holding the default route (first one), for `ports list`.
-    pub fn default_route_source(&mut self) -> NlResult<Option<Ipv4Addr>> {
+    /// The first IPv4 address of the interface holding the default route (else the first global
+    /// address) that `usable` accepts, for `ports list`.
+    pub fn default_route_source(
+        &mut self,
+        usable: &dyn Fn(Ipv4Addr) -> bool,
+    ) -> NlResult<Option<Ipv4Addr>> {
         let mut m = RouteMessage::default();
         m.header.address_family = AddressFamily::Inet;
         let routes = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
@@ -315,7 +319,9 @@ impl Netlink {
                     AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
                     _ => None,
                 });
-                let Some(ip) = ip else { continue };
+                let Some(ip) = ip.filter(|ip| usable(*ip)) else {
+                    continue;
+                };
                 if Some(a.header.index) == oif {
                     return Ok(Some(ip));
                 }
