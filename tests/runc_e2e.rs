@@ -301,6 +301,17 @@ impl Lab {
 
     /// Like [`Lab::start`] with another container process.
     fn start_process(&self, name: &str, port_mappings: &str, args: &[&str]) -> (bool, String) {
+        self.start_mode(name, "bridge", port_mappings, args)
+    }
+
+    /// Starts a container in network `mode` (host mode: no network namespace of its own).
+    fn start_mode(
+        &self,
+        name: &str,
+        mode: &str,
+        port_mappings: &str,
+        args: &[&str],
+    ) -> (bool, String) {
         let id = self.id(name);
         let bundle = self.dir.join(name);
         let rootfs = bundle.join("rootfs");
@@ -316,6 +327,15 @@ impl Lab {
             format!("<html><body>hello from {id}</body></html>\n"),
         )
         .expect("write index.html");
+        let mut namespaces = vec![
+            json!({"type": "pid"}),
+            json!({"type": "ipc"}),
+            json!({"type": "uts"}),
+            json!({"type": "mount"}),
+        ];
+        if mode != "host" {
+            namespaces.push(json!({"type": "network"}));
+        }
         let spec = json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -338,13 +358,11 @@ impl Lab {
                 {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}
             ],
             "annotations": {
-                "netshim.network-mode": "bridge",
+                "netshim.network-mode": mode,
                 "netshim.port-mappings": port_mappings
             },
             "hooks": self.hooks,
-            "linux": {"namespaces": [
-                {"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}
-            ]}
+            "linux": {"namespaces": namespaces}
         });
         fs::write(
             bundle.join("config.json"),
@@ -669,4 +687,51 @@ fn a_container_failing_after_network_setup_is_released_by_poststop() {
     let ports = lab.ports();
     assert_eq!(ports.len(), 1, "{ports:#?}");
     lab.assert_serves(host_port(&ports[0]), &keep);
+}
+
+#[test]
+fn host_mode_second_claim_is_refused_while_the_first_keeps_serving() {
+    let lab = Lab::new(HookSource::RuncSnippet);
+    let httpd = ["/bin/busybox", "httpd", "-f", "-p", "18181", "-h", "/www"];
+    let (ok, out) = lab.start_mode("h1", "host", r#"[{"containerPort":18181}]"#, &httpd);
+    assert!(ok, "host-mode container: {out}");
+    let first = lab.id("h1");
+    lab.assert_serves(18181, &first);
+    let (ok, out) = lab.start_mode("h2", "host", r#"[{"containerPort":18181}]"#, &httpd);
+    assert!(!ok, "a second host-mode claim on 18181 must fail: {out}");
+    assert!(
+        out.contains("shim: ") && out.contains("18181/tcp") && out.contains(&first),
+        "{out}"
+    );
+    lab.assert_serves(18181, &first);
+    let ports = lab.ports();
+    assert_eq!(ports.len(), 1, "{ports:#?}");
+    assert_eq!(ports[0]["networkMode"], "host");
+    assert_eq!(ports[0]["targetPort"], 18181);
+    // Deleting the first frees the claim for a new container.
+    assert!(lab.delete(&first).status.success());
+    assert!(lab.ports().is_empty());
+    let (ok, out) = lab.start_mode("h3", "host", r#"[{"containerPort":18181}]"#, &httpd);
+    assert!(ok, "the claim is free again: {out}");
+    lab.assert_serves(18181, &lab.id("h3"));
+}
+
+#[test]
+fn none_mode_container_has_only_loopback_up() {
+    let lab = Lab::new(HookSource::RuncSnippet);
+    let (ok, out) = lab.start_mode("n1", "none", "[]", &["/bin/busybox", "sleep", "30"]);
+    assert!(ok, "none-mode container: {out}");
+    let state: Value = serde_json::from_str(&must(lab.runc().args(["state", &lab.id("n1")])))
+        .expect("runc state json");
+    let pid = state["pid"].as_i64().expect("pid");
+    let links = must(
+        Command::new("/usr/bin/nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(["/usr/sbin/ip", "-o", "link", "show"]),
+    );
+    assert_eq!(links.lines().count(), 1, "{links}");
+    assert!(links.contains("lo:") && links.contains(",UP"), "{links}");
+    assert_eq!(lab.recorded(), vec![lab.id("n1")]);
+    assert!(lab.delete(&lab.id("n1")).status.success());
+    assert!(lab.recorded().is_empty());
 }
