@@ -635,18 +635,25 @@ class Bench:
                     setns(self.root_fd)
                 except OSError as e:
                     log(f"cleanup: cannot return to the original netns: {e}")
+            names = [n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else [])
+                     if n.startswith(self.prefix + "-")]
             # Any process still inside one of the bench's namespaces goes first (a sleeper
-            # that outlived its Popen handle keeps a netns alive).
-            inodes = set(self.ns_inodes.values())
+            # that outlived its Popen handle keeps a netns alive). Only namespaces that still
+            # carry one of our names count: the inode number of a netns deleted earlier can
+            # have been reused by someone else's namespace since.
+            self.live_inodes = set()
+            for n in names:
+                try:
+                    self.live_inodes.add(os.stat(f"/run/netns/{n}").st_ino)
+                except OSError:
+                    pass
             for d in os.listdir("/proc"):
                 if d.isdigit() and int(d) != os.getpid():
                     try:
-                        if os.stat(f"/proc/{d}/ns/net").st_ino in inodes:
+                        if os.stat(f"/proc/{d}/ns/net").st_ino in self.live_inodes:
                             os.kill(int(d), signal.SIGKILL)
                     except OSError:
                         pass
-            names = [n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else [])
-                     if n.startswith(self.prefix + "-")]
             # Containers first, the host netns (bridges, tables, veths) last.
             names.sort(key=lambda n: n == self.host_ns)
             for attempt in range(3):
@@ -671,7 +678,10 @@ class Bench:
         alive = [p.pid for p in self.sleepers if p.poll() is None]
         if alive:
             out.append(f"sleeper processes still alive: {alive[:10]}")
-        inodes = set(self.ns_inodes.values())
+        # Namespaces deleted during the runs had their sleepers killed first; only those alive
+        # at cleanup could hold a straggler (and their inode numbers cannot have been reused
+        # while a straggler keeps them alive).
+        inodes = getattr(self, "live_inodes", set())
         for d in os.listdir("/proc"):
             if d.isdigit():
                 try:
