@@ -9,6 +9,7 @@ mod modes;
 mod oci;
 mod request;
 mod state;
+mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,6 +86,7 @@ enum PortsCmd {
 }
 
 fn main() -> ExitCode {
+    trace::init();
     let cli = Cli::parse();
     let g = Globals {
         state_dir: cli.state_dir,

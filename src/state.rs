@@ -113,27 +113,31 @@ impl Default for State {
 }
 
 impl State {
-    /// Parses a state file's bytes, refusing garbage and newer versions.
+    /// Parses a state file's bytes, refusing garbage and newer versions. One pass in the
+    /// common case; the version alone is read only to explain a failure.
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<State, StateError> {
         #[derive(Deserialize)]
         struct Probe {
             version: u32,
         }
         let p = path.display().to_string();
-        let probe: Probe = serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
-            path: p.clone(),
-            msg: e.to_string(),
-        })?;
-        if probe.version != STATE_VERSION {
-            return Err(StateError::Version {
+        match serde_json::from_slice::<State>(bytes) {
+            Ok(st) if st.version == STATE_VERSION => Ok(st),
+            Ok(st) => Err(StateError::Version {
                 path: p,
-                found: probe.version,
-            });
+                found: st.version,
+            }),
+            Err(e) => match serde_json::from_slice::<Probe>(bytes) {
+                Ok(probe) if probe.version != STATE_VERSION => Err(StateError::Version {
+                    path: p,
+                    found: probe.version,
+                }),
+                _ => Err(StateError::Corrupt {
+                    path: p,
+                    msg: e.to_string(),
+                }),
+            },
         }
-        serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
-            path: p,
-            msg: e.to_string(),
-        })
     }
 }
 

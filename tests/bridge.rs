@@ -85,6 +85,19 @@ fn mapped_ports_carry_tcp_and_udp_from_every_source() {
         "hello from a"
     );
 
+    // Bridge ports carry no IPv6 link-local address (no per-port routes to walk).
+    for v in rig.veths() {
+        let out = std::process::Command::new("/usr/sbin/ip")
+            .args(["-n", &rig.host, "-6", "addr", "show", "dev", &v])
+            .output()
+            .unwrap();
+        assert!(
+            out.stdout.is_empty(),
+            "{v} has IPv6: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     // Teardown releases everything, and the port stops answering.
     must_succeed(&rig.poststop(a), "poststop a");
     must_succeed(&rig.poststop(b), "poststop b");

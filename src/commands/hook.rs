@@ -12,6 +12,7 @@ use crate::modes::{HostKernel, Kernel, bridge, host};
 use crate::oci::{self, OciState};
 use crate::request::{self, NetworkMode};
 use crate::state::{ContainerRecord, State};
+use crate::trace;
 
 /// Hook stages netshim acts on; other stages are accepted and ignored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -86,9 +87,12 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
         _ => {}
     }
 
+    trace::mark("parse");
     let sd = g.state();
     let lock = sd.lock()?;
+    trace::mark("lock");
     let mut state = sd.load()?;
+    trace::mark("load-state");
     let mut k = HostKernel::new();
     if let Some(old) = state.containers.get(&st.id) {
         if old.netns_inode == Some(inode) && old.pid == Some(pid) {
@@ -149,6 +153,7 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
         let _ = release(&mut k, &state, &rec);
         return Err(e.into());
     }
+    trace::mark("store-state");
     Ok(())
 }
 

@@ -14,8 +14,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
-    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth,
-    LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridge, InfoBridgePort, InfoData, InfoKind,
+    InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -164,7 +164,7 @@ impl Netlink {
         Ok(())
     }
 
-    /// Creates a veth pair in one message: `host` (up, enslaved to `master`) in this namespace,
+    /// Creates a veth pair in one message: `host` (down, enslaved to `master`) in this namespace,
     /// `peer` (down) created directly inside the namespace `peer_ns`.
     pub fn add_veth(
         &mut self,
@@ -181,8 +181,6 @@ impl Netlink {
         p.attributes
             .push(LinkAttribute::NetNsFd(peer_ns.as_raw_fd()));
         let mut m = LinkMessage::default();
-        m.header.flags = LinkFlags::Up;
-        m.header.change_mask = LinkFlags::Up;
         m.attributes.push(LinkAttribute::IfName(host.to_string()));
         m.attributes.push(LinkAttribute::Controller(master));
         if let Some(mtu) = mtu {
@@ -197,9 +195,12 @@ impl Netlink {
         Ok(())
     }
 
-    /// Turns on hairpin mode on a bridge port: with bridge netfilter active, a container's
-    /// packet to its own host port is DNATed back out of the port it came in on.
-    pub fn set_hairpin(&mut self, port: &str) -> NlResult<()> {
+    /// Readies a new bridge port and brings it up: hairpin mode on (with bridge netfilter active,
+    /// a container's packet to its own host port is DNATed back out of the port it came in on),
+    /// and no IPv6 link-local address (a bridge port needs none, and each one adds routes that
+    /// later link changes walk). Two messages: the kernel applies flags before the address
+    /// generation mode, so the port must still be down for the latter.
+    pub fn ready_bridge_port(&mut self, port: &str) -> NlResult<()> {
         let mut m = LinkMessage::default();
         m.attributes.push(LinkAttribute::IfName(port.to_string()));
         m.attributes.push(LinkAttribute::LinkInfo(vec![
@@ -208,8 +209,27 @@ impl Netlink {
                 true,
             )])),
         ]));
-        self.request(RouteNetlinkMessage::NewLink(m), 0)?;
-        Ok(())
+        m.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]));
+        match self.request(RouteNetlinkMessage::NewLink(m), 0) {
+            Ok(_) => {}
+            // No IPv6 on this host: hairpin alone.
+            Err(e) if e.is(libc::EAFNOSUPPORT) => {
+                let mut m = LinkMessage::default();
+                m.attributes.push(LinkAttribute::IfName(port.to_string()));
+                m.attributes.push(LinkAttribute::LinkInfo(vec![
+                    LinkInfo::PortKind(InfoPortKind::Bridge),
+                    LinkInfo::PortData(InfoPortData::BridgePort(vec![
+                        InfoBridgePort::HairpinMode(true),
+                    ])),
+                ]));
+                self.request(RouteNetlinkMessage::NewLink(m), 0)?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.set_up(port)
     }
 
     /// Deletes a link by name; `Ok(false)` if it was already gone.

@@ -18,6 +18,7 @@ use crate::kernel::sysctl;
 use crate::modes::Kernel;
 use crate::request::{NetworkRequest, PortRange, Protocol};
 use crate::state::{ContainerRecord, PortRecord, State};
+use crate::trace;
 
 /// Name of the container's interface.
 pub const CONTAINER_IF: &str = "eth0";
@@ -164,6 +165,7 @@ fn apply_steps(
         }
     };
     k.bridge_sysctls(br).context("set forwarding sysctls")?;
+    trace::mark("bridge");
 
     let veth = plan.veth.as_str();
     match k.add_veth(veth, master, CONTAINER_IF, netns) {
@@ -182,6 +184,7 @@ fn apply_steps(
         r => r.with_context(|| format!("create veth {veth}"))?,
     }
     undo.push(Undo::DelLink(veth.to_string()));
+    trace::mark("veth");
 
     k.configure_container(netns, CONTAINER_IF, plan.ip, prefix, gw)
         .with_context(|| {
@@ -190,6 +193,7 @@ fn apply_steps(
                 plan.ip
             )
         })?;
+    trace::mark("container-side");
 
     if !plan.ports.is_empty() {
         let add = firewall::add_elements(plan.ip, &plan.ports);
@@ -210,6 +214,7 @@ fn apply_steps(
                 undo.push(Undo::DelTable);
             }
         }
+        trace::mark("nft");
         let del = firewall::delete_elements(&plan.ports, &|p| still_mapped(state, "", p));
         undo.push(Undo::Nft(del.concat()));
         for p in plan.ports.iter().filter(|p| p.protocol == Protocol::Udp) {

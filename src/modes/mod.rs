@@ -26,7 +26,7 @@ pub trait Kernel {
     ) -> Result<u32, NlError>;
     /// Host sysctls the bridge needs (forwarding; route_localnet on the bridge).
     fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<()>;
-    /// veth pair: `host` on `master` here (hairpin on), `peer` inside `netns`.
+    /// veth pair: `host` on `master` here (up, hairpin on, no IPv6), `peer` inside `netns`.
     fn add_veth(
         &mut self,
         host: &str,
@@ -123,7 +123,7 @@ impl Kernel for HostKernel {
         use std::os::fd::AsFd;
         let nl = self.nl()?;
         nl.add_veth(host, master, peer, netns.as_fd(), None)?;
-        if let Err(e) = nl.set_hairpin(host) {
+        if let Err(e) = nl.ready_bridge_port(host) {
             let _ = nl.del_link(host);
             return Err(e);
         }
