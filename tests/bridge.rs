@@ -492,3 +492,49 @@ fn gc_releases_containers_whose_process_is_gone() {
     assert_eq!(rig.veths().len(), 1);
     assert_eq!(rig.nft_elements().lines().count(), 1);
 }
+
+#[test]
+fn port_ranges_and_host_ip_bindings_carry_traffic() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    must_succeed(
+        &rig.setup(
+            a,
+            r#"[{"containerPortRange":"7000-7002"},{"containerPort":9000,"hostPort":19000,"hostIp":"127.0.0.1"}]"#,
+        ),
+        "setup",
+    );
+    for p in 7000..=7002 {
+        tcp_server(&rig.containers[a].ns, p, &format!("range {p}"));
+    }
+    tcp_server(&rig.containers[a].ns, 9000, "loopback only");
+    let hosts: Vec<u16> = (7000..=7002).map(|p| rig.host_port(a, p, "tcp")).collect();
+    assert_eq!(hosts[1], hosts[0] + 1, "contiguous host range");
+    assert_eq!(hosts[2], hosts[0] + 2, "contiguous host range");
+    for (i, hp) in hosts.iter().enumerate() {
+        assert_eq!(
+            tcp_get(&rig.client, HOST_IP, *hp, PATIENT).unwrap(),
+            format!("range {}", 7000 + i)
+        );
+    }
+    // Bound to 127.0.0.1 on the host: reachable there, not on the host's other addresses.
+    assert_eq!(
+        tcp_get(&rig.host, "127.0.0.1".parse().unwrap(), 19000, PATIENT).unwrap(),
+        "loopback only"
+    );
+    assert!(tcp_get(&rig.client, HOST_IP, 19000, SHORT).is_err());
+    let entry = rig
+        .ports()
+        .into_iter()
+        .find(|p| p["hostPort"] == 19000)
+        .unwrap();
+    assert_eq!(entry["bindIP"], "127.0.0.1");
+    must_succeed(&rig.poststop(a), "poststop");
+    let left = String::from_utf8_lossy(
+        &rig.nft(&["list", "map", "ip", "netshim", "ports_ip"])
+            .stdout,
+    )
+    .to_string();
+    assert!(!left.contains("19000"), "{left}");
+}
