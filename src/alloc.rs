@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
-use crate::request::{HostPorts, PortMapping, PortRange, Protocol};
+use crate::request::{HostPorts, NetworkMode, PortMapping, PortRange, Protocol};
 use crate::state::{PortRecord, State};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -76,7 +76,12 @@ pub struct PortLedger {
 impl PortLedger {
     pub fn from_state(state: &State) -> Self {
         let mut held: HashMap<(Protocol, u16), Claims> = HashMap::new();
-        for c in state.containers.values() {
+        // awsvpc tasks listen on their own ENI address, not on the host's ports.
+        for c in state
+            .containers
+            .values()
+            .filter(|c| c.mode != NetworkMode::Awsvpc)
+        {
             for p in &c.ports {
                 held.entry((p.protocol, p.host_port))
                     .or_default()
@@ -251,7 +256,12 @@ fn pick_dynamic(
 /// Picks a container address next-fit: never the network, gateway or broadcast address, never
 /// one in the ledger. Advances the cursor in `state`.
 pub fn allocate_ip(state: &mut State, subnet: Ipv4Network) -> Result<Ipv4Addr, AllocError> {
-    let used: HashSet<Ipv4Addr> = state.containers.values().filter_map(|c| c.ip).collect();
+    let used: HashSet<Ipv4Addr> = state
+        .containers
+        .values()
+        .filter(|c| c.mode == NetworkMode::Bridge)
+        .filter_map(|c| c.ip)
+        .collect();
     let base = u32::from(subnet.network());
     let size: u64 = 1u64 << (32 - subnet.prefix());
     // Usable offsets: 2 ..= size-2 (0 network, 1 gateway, size-1 broadcast).
@@ -291,7 +301,7 @@ pub fn allocate_ip(state: &mut State, subnet: Ipv4Network) -> Result<Ipv4Addr, A
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{NetworkMode, parse_mappings};
+    use crate::request::parse_mappings;
     use crate::state::ContainerRecord;
 
     struct Busy(Vec<u16>);
@@ -319,6 +329,7 @@ mod tests {
                 veth: None,
                 bridge: None,
                 ports: recs,
+                eni: None,
             },
         );
     }

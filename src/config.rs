@@ -35,7 +35,49 @@ struct RawConfig {
     #[serde(default)]
     ports: RawPorts,
     #[serde(default)]
-    awsvpc: Option<toml::Table>,
+    awsvpc: RawAwsvpc,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAwsvpc {
+    allowed_interfaces: Option<Vec<String>>,
+    metadata_endpoint: Option<String>,
+    metadata_layout: Option<String>,
+    allow_metadata_access: Option<bool>,
+    eni_wait_seconds: Option<f64>,
+}
+
+/// Which instance-metadata layout to read ENI facts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadataLayout {
+    Aws,
+    Alibaba,
+}
+
+/// `[awsvpc]` settings.
+#[derive(Debug, Clone)]
+pub struct AwsvpcConfig {
+    /// Empty: any interface but the default-route one and those given to tasks.
+    pub allowed_interfaces: Vec<String>,
+    /// `host:port` of the metadata service (http only).
+    pub metadata_endpoint: String,
+    pub metadata_layout: MetadataLayout,
+    pub allow_metadata_access: bool,
+    /// How long setup waits for the ENI to appear.
+    pub eni_wait: std::time::Duration,
+}
+
+impl Default for AwsvpcConfig {
+    fn default() -> Self {
+        AwsvpcConfig {
+            allowed_interfaces: vec![],
+            metadata_endpoint: "169.254.169.254:80".into(),
+            metadata_layout: MetadataLayout::Aws,
+            allow_metadata_access: false,
+            eni_wait: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,8 +106,7 @@ pub struct Config {
     /// The address load balancers should target for host ports (default: the host's
     /// default-route source address).
     pub host_address: Option<Ipv4Addr>,
-    /// The raw `[awsvpc]` table, read by that mode.
-    pub awsvpc: toml::Table,
+    pub awsvpc: AwsvpcConfig,
 }
 
 impl Default for Config {
@@ -77,7 +118,7 @@ impl Default for Config {
             dynamic_range: None,
             reserved: DEFAULT_RESERVED.to_vec(),
             host_address: None,
-            awsvpc: toml::Table::new(),
+            awsvpc: AwsvpcConfig::default(),
         }
     }
 }
@@ -141,7 +182,43 @@ impl Config {
                     .map_err(|_| format!("ports.host_address {a:?} is not an IPv4 address"))?,
             );
         }
-        c.awsvpc = raw.awsvpc.unwrap_or_default();
+        let a = raw.awsvpc;
+        if let Some(v) = a.allowed_interfaces {
+            c.awsvpc.allowed_interfaces = v;
+        }
+        let layout = match a.metadata_layout.as_deref() {
+            None | Some("aws") => MetadataLayout::Aws,
+            Some("alibaba") => MetadataLayout::Alibaba,
+            Some(o) => {
+                return Err(format!(
+                    "awsvpc.metadata_layout {o:?}: use \"aws\" or \"alibaba\""
+                ));
+            }
+        };
+        c.awsvpc.metadata_layout = layout;
+        if layout == MetadataLayout::Alibaba {
+            c.awsvpc.metadata_endpoint = "100.100.100.200:80".into();
+        }
+        if let Some(e) = a.metadata_endpoint {
+            let hp = e
+                .strip_prefix("http://")
+                .ok_or_else(|| format!("awsvpc.metadata_endpoint {e:?}: use http://HOST[:PORT]"))?;
+            let hp = hp.trim_end_matches('/');
+            c.awsvpc.metadata_endpoint = if hp.contains(':') {
+                hp.to_string()
+            } else {
+                format!("{hp}:80")
+            };
+        }
+        if let Some(b) = a.allow_metadata_access {
+            c.awsvpc.allow_metadata_access = b;
+        }
+        if let Some(w) = a.eni_wait_seconds {
+            if !(0.0..=600.0).contains(&w) {
+                return Err(format!("awsvpc.eni_wait_seconds {w}: use 0-600"));
+            }
+            c.awsvpc.eni_wait = std::time::Duration::from_secs_f64(w);
+        }
         Ok(c)
     }
 
@@ -199,6 +276,19 @@ mod tests {
         assert!(e.contains("dynamic_rnage"), "{e}");
         let e = Config::parse("[brige]\nname = \"x\"\n").unwrap_err();
         assert!(e.contains("brige"), "{e}");
+    }
+
+    #[test]
+    fn awsvpc_keys() {
+        let c = Config::parse("[awsvpc]\nmetadata_endpoint = \"http://127.0.0.1:8111\"\nmetadata_layout = \"alibaba\"\neni_wait_seconds = 1\nallowed_interfaces = [\"eth*\"]\n").unwrap();
+        assert_eq!(c.awsvpc.metadata_endpoint, "127.0.0.1:8111");
+        assert_eq!(c.awsvpc.metadata_layout, MetadataLayout::Alibaba);
+        assert_eq!(c.awsvpc.eni_wait, std::time::Duration::from_secs(1));
+        assert!(
+            Config::parse("[awsvpc]\nallow_metdata_access = true\n")
+                .unwrap_err()
+                .contains("allow_metdata_access")
+        );
     }
 
     #[test]

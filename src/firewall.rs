@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
+use crate::request::IngressRule;
 use crate::state::{ContainerRecord, PortRecord};
 
 /// The table netshim owns.
@@ -142,6 +143,46 @@ pub fn delete_elements(
     out
 }
 
+/// The table netshim puts inside a task's own network namespace.
+pub const TASK_TABLE: &str = "netshim_task";
+
+/// Instance-metadata addresses a task must not reach unless allowed.
+pub const METADATA_V4: [&str; 2] = ["169.254.169.254", "100.100.100.200"];
+pub const METADATA_V6: &str = "fd00:ec2::254";
+
+/// The firewall inside a task's netns: metadata blocked (unless `allow_metadata`), and with
+/// `ingress` rules, new inbound connections dropped unless a rule admits them. `None` when
+/// there is nothing to enforce.
+pub fn task_script(ingress: Option<&[IngressRule]>, allow_metadata: bool) -> Option<String> {
+    if ingress.is_none() && allow_metadata {
+        return None;
+    }
+    let mut s = format!(
+        "add table inet {TASK_TABLE}\ndelete table inet {TASK_TABLE}\ntable inet {TASK_TABLE} {{\n"
+    );
+    if !allow_metadata {
+        let _ = writeln!(
+            s,
+            "\tchain output {{\n\t\ttype filter hook output priority filter; policy accept;\n\t\tip daddr {{ {} }} drop\n\t\tip6 daddr {METADATA_V6} drop\n\t}}",
+            METADATA_V4.join(", ")
+        );
+    }
+    if let Some(rules) = ingress {
+        s += "\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n\t\tct state established,related accept\n\t\tiifname \"lo\" accept\n";
+        for r in rules {
+            let fam = if r.cidr.is_ipv4() { "ip" } else { "ip6" };
+            let _ = writeln!(
+                s,
+                "\t\t{fam} saddr {} {} dport {} accept",
+                r.cidr, r.protocol, r.ports
+            );
+        }
+        s += "\t\tct state new drop\n\t}\n";
+    }
+    s += "}\n";
+    Some(s)
+}
+
 /// Deletes the whole table (for `shim reset`).
 pub fn delete_table_script() -> String {
     format!("add table ip {TABLE}\ndelete table ip {TABLE}\n")
@@ -197,6 +238,30 @@ mod tests {
         );
         let d = delete_elements(&[rec(Protocol::Tcp, 8080, None)], &|_| false);
         assert_eq!(d.len(), 2);
+    }
+
+    #[test]
+    fn task_table_blocks_metadata_and_admits_only_listed_sources() {
+        assert_eq!(task_script(None, true), None);
+        let rules = crate::request::parse_ingress(r#"[{"protocol":"tcp","port":80,"cidr":"10.0.1.50/32"},{"protocol":"udp","portRange":"8000-8010","cidr":"fd00::/8"}]"#).unwrap();
+        let s = task_script(Some(&rules), false).unwrap();
+        assert!(
+            s.contains("ip daddr { 169.254.169.254, 100.100.100.200 } drop"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ip saddr 10.0.1.50/32 tcp dport 80 accept"),
+            "{s}"
+        );
+        assert!(
+            s.contains("ip6 saddr fd00::/8 udp dport 8000-8010 accept"),
+            "{s}"
+        );
+        assert!(
+            s.trim_end().ends_with("ct state new drop\n\t}\n}") || s.contains("ct state new drop")
+        );
+        let only_meta = task_script(None, false).unwrap();
+        assert!(!only_meta.contains("chain input"));
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod commands;
 mod config;
 mod firewall;
 mod kernel;
+mod metadata;
 mod modes;
 mod oci;
 mod request;

@@ -3,9 +3,11 @@
 //! This is the only module that knows annotation names. It is pure (no I/O) so every
 //! validation rule is unit-tested without root.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -16,6 +18,10 @@ pub const MODE: &str = "netshim.network-mode";
 pub const PORT_MAPPINGS: &str = "netshim.port-mappings";
 /// Annotation naming the service / target group the ports belong to.
 pub const SERVICE: &str = "netshim.service";
+/// awsvpc: the task's ENI (JSON object).
+pub const ENI: &str = "netshim.eni";
+/// Per-task ingress rules (JSON array).
+pub const INGRESS: &str = "netshim.ingress";
 
 /// Errors in the request: each names the annotation and, where it helps, the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -28,6 +34,10 @@ pub enum RequestError {
     Mapping(String),
     #[error("annotation {SERVICE}: {0}")]
     Service(String),
+    #[error("annotation {ENI}: {0}")]
+    Eni(String),
+    #[error("annotation {INGRESS}: {0}")]
+    Ingress(String),
 }
 
 /// One of the ECS network modes.
@@ -160,8 +170,273 @@ pub struct NetworkRequest {
     pub mode: NetworkMode,
     pub mappings: Vec<PortMapping>,
     pub service: Option<String>,
-    /// Annotations the mode modules read themselves (`netshim.eni`, `netshim.ingress`).
-    pub extra: BTreeMap<String, String>,
+    /// awsvpc: the task's ENI.
+    pub eni: Option<EniSpec>,
+    /// When present, new inbound connections not matching a rule are dropped.
+    pub ingress: Option<Vec<IngressRule>>,
+}
+
+/// How the task gets its ENI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attachment {
+    /// The interface moves into the task (ECS awsvpc, Terway exclusive ENI).
+    Exclusive,
+    /// The interface stays on the host; the task takes one of its secondary addresses.
+    Shared,
+}
+
+/// The `netshim.eni` request. Only `mac` is required; the rest may come from instance metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EniSpec {
+    pub mac: [u8; 6],
+    pub ipv4: Vec<Ipv4Network>,
+    pub ipv6: Vec<Ipv6Network>,
+    pub gateway4: Option<Ipv4Addr>,
+    pub gateway6: Option<Ipv6Addr>,
+    pub mtu: Option<u32>,
+    pub attachment: Attachment,
+}
+
+impl EniSpec {
+    /// Only the MAC was given: look the rest up in instance metadata.
+    pub fn needs_metadata(&self) -> bool {
+        self.ipv4.is_empty() && self.ipv6.is_empty()
+    }
+
+    /// The IPv4 gateway: given, or the subnet base + 1 (the AWS convention).
+    pub fn gateway4(&self) -> Option<Ipv4Addr> {
+        self.gateway4.or_else(|| {
+            self.ipv4
+                .first()
+                .map(|n| Ipv4Addr::from(u32::from(n.network()) + 1))
+        })
+    }
+
+    /// Checks that every address lies in the gateway's subnet.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        if let Some(gw) = self.gateway4() {
+            for a in &self.ipv4 {
+                if !a.contains(gw) {
+                    return Err(RequestError::Eni(format!(
+                        "address {a} is not in the subnet of gateway {gw}: fix ipv4Addresses or subnetGatewayIpv4Address"
+                    )));
+                }
+            }
+        }
+        if let Some(gw) = self.gateway6 {
+            for a in &self.ipv6 {
+                if !a.contains(gw) && !gw.is_unicast_link_local() {
+                    return Err(RequestError::Eni(format!(
+                        "address {a} is not in the subnet of gateway {gw}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Formats a MAC as `02:00:00:00:00:01`.
+pub fn mac_string(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `02:00:00:00:00:01` (also `-` separated, any case).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut m = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return None;
+        }
+        m[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(m)
+}
+
+/// Parses the `netshim.eni` JSON object.
+pub fn parse_eni(s: &str) -> Result<EniSpec, RequestError> {
+    let e = |m: String| RequestError::Eni(m);
+    let v: Value = serde_json::from_str(s).map_err(|x| e(format!("not valid JSON: {x}")))?;
+    let Value::Object(o) = v else {
+        return Err(e(
+            "must be a JSON object like {\"macAddress\": \"02:...\"}".into()
+        ));
+    };
+    let mut mac = None;
+    let mut spec = EniSpec {
+        mac: [0; 6],
+        ipv4: vec![],
+        ipv6: vec![],
+        gateway4: None,
+        gateway6: None,
+        mtu: None,
+        attachment: Attachment::Exclusive,
+    };
+    let strs = |k: &str, v: &Value| -> Result<Vec<String>, RequestError> {
+        v.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .map(|x| x.as_str().map(String::from))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .ok_or_else(|| RequestError::Eni(format!("{k} must be an array of strings")))
+    };
+    for (k, v) in &o {
+        match k.as_str() {
+            "macAddress" => {
+                mac = Some(v.as_str().and_then(parse_mac).ok_or_else(|| {
+                    e(format!(
+                        "macAddress {v} is not a MAC address like \"02:00:00:00:00:01\""
+                    ))
+                })?)
+            }
+            "ipv4Addresses" => {
+                for a in strs(k, v)? {
+                    spec.ipv4.push(a.parse().map_err(|_| {
+                        e(format!(
+                            "ipv4Addresses: {a:?} is not an IPv4 CIDR like \"10.0.1.23/24\""
+                        ))
+                    })?);
+                }
+            }
+            "ipv6Addresses" => {
+                for a in strs(k, v)? {
+                    spec.ipv6.push(
+                        a.parse()
+                            .map_err(|_| e(format!("ipv6Addresses: {a:?} is not an IPv6 CIDR")))?,
+                    );
+                }
+            }
+            "subnetGatewayIpv4Address" => {
+                let g = v.as_str().unwrap_or_default();
+                spec.gateway4 = Some(g.parse().map_err(|_| {
+                    e(format!(
+                        "subnetGatewayIpv4Address {v} is not an IPv4 address"
+                    ))
+                })?);
+            }
+            "subnetGatewayIpv6Address" => {
+                let g = v.as_str().unwrap_or_default();
+                spec.gateway6 = Some(g.parse().map_err(|_| {
+                    e(format!(
+                        "subnetGatewayIpv6Address {v} is not an IPv6 address"
+                    ))
+                })?);
+            }
+            "mtu" => {
+                spec.mtu = Some(match v.as_u64() {
+                    Some(m) if (68..=65535).contains(&m) => m as u32,
+                    _ => return Err(e(format!("mtu must be an integer 68-65535, got {v}"))),
+                })
+            }
+            "attachment" => {
+                spec.attachment = match v.as_str() {
+                    Some("exclusive") => Attachment::Exclusive,
+                    Some("shared") => Attachment::Shared,
+                    _ => {
+                        return Err(e(format!(
+                            "attachment must be \"exclusive\" or \"shared\", got {v}"
+                        )));
+                    }
+                }
+            }
+            // Accepted from the ECS task payload; DNS is the runtime's business.
+            "domainNameServers"
+            | "domainNameSearchList"
+            | "privateDnsName"
+            | "subnetGatewayIpv4AddressCidr" => {}
+            other => return Err(e(format!("unknown key {other:?}"))),
+        }
+    }
+    spec.mac = mac.ok_or_else(|| e("macAddress is required".into()))?;
+    if spec.attachment == Attachment::Shared && spec.ipv4.is_empty() {
+        return Err(e(
+            "a shared ENI needs ipv4Addresses: the secondary addresses tasks may take".into(),
+        ));
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// One ingress rule: new connections on `ports`/`protocol` from `cidr` are admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressRule {
+    pub protocol: Protocol,
+    pub ports: PortRange,
+    pub cidr: IpNetwork,
+}
+
+/// Parses the `netshim.ingress` JSON array.
+pub fn parse_ingress(s: &str) -> Result<Vec<IngressRule>, RequestError> {
+    let e = |m: String| RequestError::Ingress(m);
+    let v: Value = serde_json::from_str(s).map_err(|x| e(format!("not valid JSON: {x}")))?;
+    let Value::Array(items) = v else {
+        return Err(e(
+            "must be a JSON array of {\"protocol\", \"port\" or \"portRange\", \"cidr\"} objects"
+                .into(),
+        ));
+    };
+    let mut out = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        let Value::Object(o) = it else {
+            return Err(e(format!("entry {i}: must be an object")));
+        };
+        let protocol = match o
+            .get("protocol")
+            .and_then(|p| p.as_str())
+            .map(|p| p.to_ascii_lowercase())
+        {
+            None => Protocol::Tcp,
+            Some(p) if p == "tcp" => Protocol::Tcp,
+            Some(p) if p == "udp" => Protocol::Udp,
+            Some(p) => {
+                return Err(e(format!(
+                    "entry {i}: unknown protocol {p:?}: use \"tcp\" or \"udp\""
+                )));
+            }
+        };
+        let ports = match (o.get("port"), o.get("portRange")) {
+            (Some(p), None) => {
+                PortRange::single(json_port(p, i, "port", false).map_err(|x| e(x.to_string()))?)
+            }
+            (None, Some(r)) => PortRange::parse(r.as_str().unwrap_or_default())
+                .map_err(|x| e(format!("entry {i}: portRange: {x}")))?,
+            _ => {
+                return Err(e(format!(
+                    "entry {i}: give exactly one of port or portRange"
+                )));
+            }
+        };
+        let cidr_s = o
+            .get("cidr")
+            .and_then(|c| c.as_str())
+            .ok_or_else(|| e(format!("entry {i}: cidr is required")))?;
+        let cidr: IpNetwork = cidr_s.parse().map_err(|_| {
+            e(format!(
+                "entry {i}: cidr {cidr_s:?} is not a CIDR like \"10.0.0.0/16\""
+            ))
+        })?;
+        if let Some(k) = o
+            .keys()
+            .find(|k| !["protocol", "port", "portRange", "cidr"].contains(&k.as_str()))
+        {
+            return Err(e(format!("entry {i}: unknown key {k:?}")));
+        }
+        out.push(IngressRule {
+            protocol,
+            ports,
+            cidr,
+        });
+    }
+    Ok(out)
 }
 
 /// Reads the request from annotations. `Ok(None)`: no mode annotation, leave the container alone.
@@ -193,18 +468,36 @@ pub fn from_annotations(
         }
         Some(s) => Some(s.to_string()),
     };
-    let extra = ann
-        .iter()
-        .filter(|(k, _)| {
-            k.starts_with("netshim.") && ![MODE, PORT_MAPPINGS, SERVICE].contains(&k.as_str())
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let eni = match ann.get(ENI) {
+        Some(s) if mode == NetworkMode::Awsvpc => Some(parse_eni(s)?),
+        Some(_) => {
+            return Err(RequestError::Eni(format!(
+                "only awsvpc mode takes an ENI, this container asks for {mode}"
+            )));
+        }
+        None if mode == NetworkMode::Awsvpc => {
+            return Err(RequestError::Eni(
+                "awsvpc mode needs it: {\"macAddress\": \"02:...\", ...}".into(),
+            ));
+        }
+        None => None,
+    };
+    let ingress = match ann.get(INGRESS) {
+        Some(s) if mode == NetworkMode::Host => {
+            let _ = s;
+            return Err(RequestError::Ingress(
+                "host mode has no network namespace of its own to filter".into(),
+            ));
+        }
+        Some(s) => Some(parse_ingress(s)?),
+        None => None,
+    };
     Ok(Some(NetworkRequest {
         mode,
         mappings,
         service,
-        extra,
+        eni,
+        ingress,
     }))
 }
 
@@ -560,5 +853,101 @@ mod tests {
     #[test]
     fn host_ip_must_be_ipv4() {
         assert!(err("bridge", r#"[{"containerPort":80,"hostIp":"nope"}]"#).contains("not an IPv4"));
+    }
+}
+
+#[cfg(test)]
+mod eni_tests {
+    use super::*;
+
+    #[test]
+    fn eni_full_and_mac_only() {
+        let e = parse_eni(r#"{"macAddress":"02:00:00:00:00:0A","ipv4Addresses":["10.0.1.23/24"],"subnetGatewayIpv4Address":"10.0.1.1","mtu":9001}"#).unwrap();
+        assert_eq!(e.mac, [2, 0, 0, 0, 0, 10]);
+        assert_eq!(e.gateway4(), Some(Ipv4Addr::new(10, 0, 1, 1)));
+        assert_eq!(e.attachment, Attachment::Exclusive);
+        let m = parse_eni(r#"{"macAddress":"02:00:00:00:00:0a"}"#).unwrap();
+        assert!(m.needs_metadata());
+        let d = parse_eni(r#"{"macAddress":"02:00:00:00:00:0a","ipv4Addresses":["10.0.4.9/22"]}"#)
+            .unwrap();
+        assert_eq!(
+            d.gateway4(),
+            Some(Ipv4Addr::new(10, 0, 4, 1)),
+            "subnet base + 1"
+        );
+    }
+
+    #[test]
+    fn eni_errors_are_named() {
+        for (bad, needle) in [
+            ("not json", "not valid JSON"),
+            (r#"{"macAddress":5}"#, "not a MAC"),
+            (
+                r#"{"ipv4Addresses":["10.0.1.2/24"]}"#,
+                "macAddress is required",
+            ),
+            (
+                r#"{"macAddress":"02:00:00:00:00:01","ipv4Addresses":["10.0.2.5/24"],"subnetGatewayIpv4Address":"10.0.1.1"}"#,
+                "not in the subnet",
+            ),
+            (
+                r#"{"macAddress":"02:00:00:00:00:01","attachment":"shared"}"#,
+                "needs ipv4Addresses",
+            ),
+            (
+                r#"{"macAddress":"02:00:00:00:00:01","mac":"x"}"#,
+                "unknown key",
+            ),
+        ] {
+            let e = parse_eni(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with("annotation netshim.eni") && e.contains(needle),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn ingress_rules() {
+        let r = parse_ingress(r#"[{"protocol":"tcp","port":80,"cidr":"10.0.0.0/16"},{"protocol":"udp","portRange":"8000-8010","cidr":"fd00::/8"}]"#).unwrap();
+        assert_eq!(r[0].ports, PortRange::single(80));
+        assert_eq!(r[1].protocol, Protocol::Udp);
+        for bad in [
+            r#"[{"protocol":"icmp","port":1,"cidr":"x"}]"#,
+            r#"[{"port":80}]"#,
+            r#"[{"port":80,"portRange":"1-2","cidr":"1.0.0.0/8"}]"#,
+            "{}",
+        ] {
+            assert!(
+                parse_ingress(bad)
+                    .unwrap_err()
+                    .to_string()
+                    .starts_with("annotation netshim.ingress"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn awsvpc_needs_an_eni_and_others_refuse_one() {
+        let mut a = HashMap::new();
+        a.insert(MODE.to_string(), "awsvpc".to_string());
+        assert!(
+            from_annotations(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("netshim.eni")
+        );
+        a.insert(MODE.to_string(), "bridge".to_string());
+        a.insert(
+            ENI.to_string(),
+            r#"{"macAddress":"02:00:00:00:00:01"}"#.to_string(),
+        );
+        assert!(
+            from_annotations(&a)
+                .unwrap_err()
+                .to_string()
+                .contains("only awsvpc")
+        );
     }
 }

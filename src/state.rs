@@ -79,6 +79,31 @@ pub struct ContainerRecord {
     pub bridge: Option<String>,
     #[serde(default)]
     pub ports: Vec<PortRecord>,
+    /// awsvpc: the ENI the task holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eni: Option<EniRecord>,
+}
+
+/// What an awsvpc setup did with the task's ENI, enough to hand it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EniRecord {
+    pub mac: String,
+    /// The interface's name on the host before the task took it.
+    pub name: String,
+    pub attachment: crate::request::Attachment,
+    /// Exclusive: the bind mount keeping the task's netns alive until poststop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_pin: Option<PathBuf>,
+    /// Shared: host end of the task's veth, the policy-routing table and the subnet gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub veth: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
 }
 
 /// Next-fit cursors: where the last allocation ended.
@@ -281,6 +306,7 @@ mod tests {
                 name: None,
                 dynamic: true,
             }],
+            eni: None,
         }
     }
 

@@ -8,7 +8,7 @@ use anyhow::{Context, anyhow, bail};
 use crate::commands::Globals;
 use crate::kernel::netns;
 use crate::kernel::probe::BindProbe;
-use crate::modes::{HostKernel, Kernel, bridge, host};
+use crate::modes::{HostKernel, Kernel, awsvpc, bridge, host};
 use crate::oci::{self, OciState};
 use crate::request::{self, NetworkMode};
 use crate::state::{ContainerRecord, State};
@@ -62,9 +62,6 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
     let Some(req) = request::from_annotations(&ann)? else {
         return Ok(());
     };
-    if req.mode == NetworkMode::Awsvpc {
-        bail!("network mode awsvpc: not supported by this netshim yet: use bridge, host or none");
-    }
     let cfg = g.load_config()?;
     let pid = st.host_pid().ok_or_else(|| {
         anyhow!("container {}: the OCI state has no pid: register netshim as a createRuntime or prestart hook", st.id)
@@ -79,7 +76,7 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
             "container {}: host mode needs the host's network namespace, but the container has one of its own: remove {{\"type\": \"network\"}} from linux.namespaces in config.json (podman: --network host)",
             st.id
         ),
-        (NetworkMode::Bridge | NetworkMode::None, true) => bail!(
+        (NetworkMode::Bridge | NetworkMode::None | NetworkMode::Awsvpc, true) => bail!(
             "container {}: {} mode needs a network namespace of its own, but the container shares the host's: add {{\"type\": \"network\"}} to linux.namespaces in config.json",
             st.id,
             req.mode
@@ -87,6 +84,14 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
         _ => {}
     }
 
+    // An ENI given by MAC alone is looked up before the lock: no network wait inside it.
+    let eni = match &req.eni {
+        Some(e) => Some(
+            awsvpc::resolve(&cfg.awsvpc, e.clone())
+                .with_context(|| format!("awsvpc setup for container {}", st.id))?,
+        ),
+        None => None,
+    };
     trace::mark("parse");
     let sd = g.state();
     let lock = sd.lock()?;
@@ -127,17 +132,41 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
         veth: None,
         bridge: None,
         ports: Vec::new(),
+        eni: None,
     };
     let what = format!("{} setup for container {}", req.mode, st.id);
     match req.mode {
         NetworkMode::Bridge => {
             let plan =
                 bridge::plan(&cfg, &mut state, &st.id, &req, &BindProbe).context(what.clone())?;
-            bridge::apply(&mut k, &cfg, &state, &plan, &ns).context(what)?;
+            bridge::apply(&mut k, &cfg, &state, &plan, &ns).context(what.clone())?;
             rec.ip = Some(plan.ip);
             rec.veth = Some(plan.veth);
             rec.bridge = Some(cfg.bridge_name.clone());
             rec.ports = plan.ports;
+            if req.ingress.is_some()
+                && let Err(e) = awsvpc::task_firewall(&ns, req.ingress.as_deref(), true)
+            {
+                let _ = release(&mut k, &state, &rec);
+                return Err(e.context(what));
+            }
+        }
+        NetworkMode::Awsvpc => {
+            let eni = eni.ok_or_else(|| anyhow!("{what}: no ENI"))?;
+            let s = awsvpc::setup(
+                &cfg.awsvpc,
+                &state,
+                &sd.dir,
+                &st.id,
+                pid,
+                &ns,
+                &eni,
+                req.ingress.as_deref(),
+            )
+            .context(what)?;
+            rec.ip = Some(s.ip);
+            rec.eni = Some(s.eni);
+            rec.ports = awsvpc::ports(&req.mappings);
         }
         NetworkMode::Host => {
             rec.ports = host::plan(&cfg, &mut state, &st.id, &req, &BindProbe).context(what)?;
@@ -145,7 +174,6 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
         NetworkMode::None => {
             k.loopback_up(&ns).context("bring lo up").context(what)?;
         }
-        NetworkMode::Awsvpc => bail!("{what}: not supported"),
     }
     state.containers.insert(st.id.clone(), rec.clone());
     if let Err(e) = sd.store(&state, &lock) {
@@ -161,8 +189,12 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
 pub fn release(k: &mut dyn Kernel, state: &State, rec: &ContainerRecord) -> Vec<String> {
     match rec.mode {
         NetworkMode::Bridge => bridge::teardown(k, state, rec),
+        NetworkMode::Awsvpc => match &rec.eni {
+            Some(e) => awsvpc::teardown(e, rec.ip, state, &rec.id),
+            None => Vec::new(),
+        },
         // Host claims live only in the ledger; none mode's lo goes with its netns.
-        NetworkMode::Host | NetworkMode::None | NetworkMode::Awsvpc => Vec::new(),
+        NetworkMode::Host | NetworkMode::None => Vec::new(),
     }
 }
 

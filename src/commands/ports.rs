@@ -61,7 +61,12 @@ pub fn entries(
                 protocol: p.protocol.to_string(),
                 container_port: p.container_port,
                 host_port: p.host_port,
-                bind_ip: p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).to_string(),
+                // An awsvpc task listens on its own ENI address.
+                bind_ip: match c.mode {
+                    NetworkMode::Awsvpc => c.ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    _ => p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                }
+                .to_string(),
                 container_ip: c.ip.map(|i| i.to_string()),
                 target_ip,
                 target_port,
@@ -200,6 +205,7 @@ mod tests {
                         name: None,
                         dynamic: port == 49153,
                     }],
+                    eni: None,
                 },
             );
         }

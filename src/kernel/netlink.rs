@@ -5,21 +5,27 @@
 //! so callers can match ENODEV / EEXIST.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
     NetlinkMessage, NetlinkPayload,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
+};
 use netlink_packet_route::link::{
     AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridge, InfoBridgePort, InfoData, InfoKind,
     InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -146,6 +152,257 @@ impl Netlink {
             Err(e) if e.is(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// All links (a dump).
+    pub fn links(&mut self) -> NlResult<Vec<LinkMessage>> {
+        let msgs = self.request(
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The link with hardware address `mac`: (index, name).
+    pub fn find_by_mac(&mut self, mac: &[u8; 6]) -> NlResult<Option<(u32, String)>> {
+        for l in self.links()? {
+            let has = l
+                .attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::Address(m) if m.as_slice() == mac));
+            if has {
+                return Ok(Some((l.header.index, link_name(&l).unwrap_or_default())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Index of the interface holding the main table's IPv4 default route.
+    pub fn default_route_oif(&mut self) -> NlResult<Option<u32>> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        let routes = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+        Ok(routes.iter().find_map(|r| match r {
+            RouteNetlinkMessage::NewRoute(r)
+                if r.header.destination_prefix_length == 0
+                    && r.header.table == RouteHeader::RT_TABLE_MAIN =>
+            {
+                r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+            }
+            _ => None,
+        }))
+    }
+
+    /// Moves link `index` (taken down) into the namespace `ns`, renamed `name`, in one message.
+    pub fn move_to_netns(&mut self, index: u32, ns: BorrowedFd<'_>, name: &str) -> NlResult<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.header.change_mask = LinkFlags::Up;
+        m.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        self.request(RouteNetlinkMessage::SetLink(m), 0)?;
+        Ok(())
+    }
+
+    /// Sets flags/name/MTU of link `index`: `up` brings it up or down; `name`, `mtu` if given.
+    pub fn set_link(
+        &mut self,
+        index: u32,
+        up: Option<bool>,
+        name: Option<&str>,
+        mtu: Option<u32>,
+    ) -> NlResult<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        if let Some(up) = up {
+            m.header.change_mask = LinkFlags::Up;
+            if up {
+                m.header.flags = LinkFlags::Up;
+            }
+        }
+        if let Some(n) = name {
+            m.attributes.push(LinkAttribute::IfName(n.to_string()));
+        }
+        if let Some(mtu) = mtu {
+            m.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        self.request(RouteNetlinkMessage::SetLink(m), 0)?;
+        Ok(())
+    }
+
+    /// Creates a veth pair: `host` (up, fixed MAC) here, `peer` (down) inside `peer_ns`.
+    pub fn add_plain_veth(
+        &mut self,
+        host: &str,
+        host_mac: [u8; 6],
+        peer: &str,
+        peer_ns: BorrowedFd<'_>,
+    ) -> NlResult<()> {
+        let mut p = LinkMessage::default();
+        p.attributes.push(LinkAttribute::IfName(peer.to_string()));
+        p.attributes
+            .push(LinkAttribute::NetNsFd(peer_ns.as_raw_fd()));
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(host.to_string()));
+        m.attributes.push(LinkAttribute::Address(host_mac.to_vec()));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
+        ]));
+        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)?;
+        Ok(())
+    }
+
+    /// Adds an IPv6 address (no duplicate address detection: the address is usable at once).
+    pub fn add_addr6(&mut self, index: u32, ip: Ipv6Addr, prefix: u8) -> NlResult<()> {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.prefix_len = prefix;
+        m.header.index = index;
+        m.header.flags = AddressHeaderFlags::Nodad;
+        m.attributes.push(AddressAttribute::Address(IpAddr::V6(ip)));
+        self.request(
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        Ok(())
+    }
+
+    fn route_msg(
+        dst: IpAddr,
+        prefix: u8,
+        gateway: Option<IpAddr>,
+        oif: u32,
+        table: u32,
+    ) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.address_family = if dst.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        m.header.destination_prefix_length = prefix;
+        m.header.table = if table < 256 {
+            table as u8
+        } else {
+            RouteHeader::RT_TABLE_UNSPEC
+        };
+        m.header.protocol = RouteProtocol::Boot;
+        m.header.scope = if gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+        m.header.kind = RouteType::Unicast;
+        let ra = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => RouteAddress::Inet(a),
+            IpAddr::V6(a) => RouteAddress::Inet6(a),
+        };
+        if prefix > 0 {
+            m.attributes.push(RouteAttribute::Destination(ra(dst)));
+        }
+        if let Some(gw) = gateway {
+            m.attributes.push(RouteAttribute::Gateway(ra(gw)));
+        }
+        m.attributes.push(RouteAttribute::Oif(oif));
+        m.attributes.push(RouteAttribute::Table(table));
+        m
+    }
+
+    /// Adds a route in `table` (254 = main); EEXIST passed up.
+    pub fn add_route(
+        &mut self,
+        dst: IpAddr,
+        prefix: u8,
+        gateway: Option<IpAddr>,
+        oif: u32,
+        table: u32,
+    ) -> NlResult<()> {
+        let m = Self::route_msg(dst, prefix, gateway, oif, table);
+        self.request(RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_EXCL)?;
+        Ok(())
+    }
+
+    /// Deletes a route; `Ok(false)` if it was not there.
+    pub fn del_route(
+        &mut self,
+        dst: IpAddr,
+        prefix: u8,
+        gateway: Option<IpAddr>,
+        oif: u32,
+        table: u32,
+    ) -> NlResult<bool> {
+        let mut m = Self::route_msg(dst, prefix, gateway, oif, table);
+        m.header.scope = RouteScope::NoWhere;
+        match self.request(RouteNetlinkMessage::DelRoute(m), 0) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is(libc::ESRCH) || e.is(libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn rule_msg(from: Ipv4Addr, table: u32, priority: u32) -> RuleMessage {
+        let mut m = RuleMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.src_len = 32;
+        m.header.table = if table < 256 {
+            table as u8
+        } else {
+            RouteHeader::RT_TABLE_UNSPEC
+        };
+        m.header.action = RuleAction::ToTable;
+        m.attributes.push(RuleAttribute::Source(IpAddr::V4(from)));
+        m.attributes.push(RuleAttribute::Table(table));
+        m.attributes.push(RuleAttribute::Priority(priority));
+        m
+    }
+
+    /// `ip rule add from <from>/32 lookup <table> priority <priority>`.
+    pub fn add_rule(&mut self, from: Ipv4Addr, table: u32, priority: u32) -> NlResult<()> {
+        self.request(
+            RouteNetlinkMessage::NewRule(Self::rule_msg(from, table, priority)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes that rule; `Ok(false)` if it was not there.
+    pub fn del_rule(&mut self, from: Ipv4Addr, table: u32, priority: u32) -> NlResult<bool> {
+        match self.request(
+            RouteNetlinkMessage::DelRule(Self::rule_msg(from, table, priority)),
+            0,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A permanent neighbour entry (no ARP needed for `ip` on `index`).
+    pub fn add_neigh(&mut self, index: u32, ip: Ipv4Addr, mac: [u8; 6]) -> NlResult<()> {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.ifindex = index;
+        m.header.state = NeighbourState::Permanent;
+        m.header.kind = RouteType::Unicast;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        self.request(
+            RouteNetlinkMessage::NewNeighbour(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        Ok(())
     }
 
     /// Creates a bridge, up, with a fixed MAC.
@@ -352,6 +609,14 @@ impl Netlink {
         }
         Ok(first_global)
     }
+}
+
+/// The name of a link message.
+pub fn link_name(l: &LinkMessage) -> Option<String> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
 }
 
 impl AsFd for Netlink {

@@ -30,3 +30,38 @@ pub fn with_netns<T>(ns: BorrowedFd<'_>, f: impl FnOnce() -> T) -> io::Result<T>
     setns(home.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
     Ok(out)
 }
+
+/// Keeps the netns of `pid` alive at `path` (a bind mount of `/proc/<pid>/ns/net`), the role
+/// ECS's pause container plays, so a task's interfaces survive until poststop hands them back.
+pub fn pin(pid: i32, path: &std::path::Path) -> io::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    File::create(path)?;
+    let src = format!("/proc/{pid}/ns/net");
+    if let Err(e) = mount(
+        Some(src.as_str()),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    ) {
+        let _ = std::fs::remove_file(path);
+        return Err(io::Error::from(e));
+    }
+    Ok(())
+}
+
+/// Releases a pin made by [`pin`]; a missing pin is fine.
+pub fn unpin(path: &std::path::Path) -> io::Result<()> {
+    use nix::mount::{MntFlags, umount2};
+    match umount2(path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => return Err(io::Error::from(e)),
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

@@ -34,3 +34,8 @@ pub fn local_port_range() -> Option<(u16, u16)> {
         _ => None,
     }
 }
+
+/// `net.ipv4.conf.<dev>.<key> = value`.
+pub fn set_conf(dev: &str, key: &str, value: &str) -> io::Result<()> {
+    set(&format!("/proc/sys/net/ipv4/conf/{dev}/{key}"), value)
+}

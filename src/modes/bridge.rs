@@ -397,6 +397,7 @@ mod tests {
             veth: Some(p.veth.clone()),
             bridge: Some("netshim0".into()),
             ports: p.ports.clone(),
+            eni: None,
         }
     }
 

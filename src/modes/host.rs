@@ -76,6 +76,7 @@ mod tests {
                 veth: None,
                 bridge: None,
                 ports,
+                eni: None,
             },
         );
     }

@@ -1,6 +1,7 @@
 //! The network modes. Each turns a request into kernel changes through [`Kernel`] and knows how
 //! to undo them from its [`ContainerRecord`] alone.
 
+pub mod awsvpc;
 pub mod bridge;
 pub mod host;
 
