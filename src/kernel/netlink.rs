@@ -571,21 +571,7 @@ impl Netlink {
         &mut self,
         usable: &dyn Fn(Ipv4Addr) -> bool,
     ) -> NlResult<Option<Ipv4Addr>> {
-        let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet;
-        let routes = self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
-        let oif = routes.iter().find_map(|r| match r {
-            RouteNetlinkMessage::NewRoute(r)
-                if r.header.destination_prefix_length == 0
-                    && r.header.table == RouteHeader::RT_TABLE_MAIN =>
-            {
-                r.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Oif(i) => Some(*i),
-                    _ => None,
-                })
-            }
-            _ => None,
-        });
+        let oif = self.default_route_oif()?;
         let mut q = AddressMessage::default();
         q.header.family = AddressFamily::Inet;
         let addrs = self.request(RouteNetlinkMessage::GetAddress(q), NLM_F_DUMP)?;
