@@ -487,7 +487,24 @@ fn gc_releases_containers_whose_process_is_gone() {
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup a");
     must_succeed(&rig.setup(b, r#"[{"containerPort":80}]"#), "setup b");
     rig.containers[a].destroy();
+    // A veth left by a hook killed before it recorded anything.
+    ip(&[
+        "-n",
+        &rig.host,
+        "link",
+        "add",
+        "nsh0badcafe",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "nshpeer0x",
+    ]);
     must_succeed(&rig.shim(&["gc"], ""), "gc");
+    assert!(
+        !rig.veths().contains(&"nsh0badcafe".to_string()),
+        "stray veth kept"
+    );
     assert_eq!(rig.recorded(), vec![rig.containers[b].id.clone()]);
     assert_eq!(rig.veths().len(), 1);
     assert_eq!(rig.nft_elements().lines().count(), 1);

@@ -5,6 +5,7 @@ use anyhow::bail;
 use crate::commands::Globals;
 use crate::commands::hook::release;
 use crate::firewall::{self, Layout};
+use crate::kernel::netlink::{Netlink, link_name};
 use crate::kernel::netns;
 use crate::modes::{HostKernel, Kernel};
 use crate::request::NetworkMode;
@@ -46,11 +47,42 @@ pub fn gc(g: &Globals) -> anyhow::Result<()> {
             failed.push(format!("{}: {}", rec.id, errs.join("; ")));
         }
     }
+    // Host veth ends no record knows (a hook killed between creating and recording them).
+    let known: Vec<&str> = state
+        .containers
+        .values()
+        .flat_map(|c| {
+            [
+                c.veth.as_deref(),
+                c.eni.as_ref().and_then(|e| e.veth.as_deref()),
+            ]
+        })
+        .flatten()
+        .collect();
+    let mut nl = Netlink::open()?;
+    for l in nl.links()? {
+        if let Some(name) = link_name(&l)
+            && is_ours(&name)
+            && !known.contains(&name.as_str())
+        {
+            match nl.del_link(&name) {
+                Ok(_) => println!("deleted stray link {name}"),
+                Err(e) => failed.push(format!("stray link {name}: {e}")),
+            }
+        }
+    }
     sd.store(&state, &lock)?;
     if !failed.is_empty() {
         bail!("gc: {}", failed.join(" | "));
     }
     Ok(())
+}
+
+/// Names netshim gives host veth ends: `nsh` (bridge) or `nsa` (shared ENI) + 8 hex digits.
+fn is_ours(name: &str) -> bool {
+    name.len() == 11
+        && (name.starts_with("nsh") || name.starts_with("nsa"))
+        && name[3..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Re-applies the firewall from the state (after a firewall reload wiped it).
