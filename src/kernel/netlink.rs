@@ -34,7 +34,7 @@ use super::netns;
 /// An error from the kernel (errno kept) or from decoding its answer.
 #[derive(Debug, thiserror::Error)]
 pub enum NlError {
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     #[error("bad netlink message: {0}")]
     Decode(String),

@@ -17,6 +17,17 @@ pub fn inode(f: &File) -> io::Result<u64> {
     Ok(f.metadata()?.ino())
 }
 
+/// Whether `f` is a namespace file (nsfs), not e.g. the empty file left by a lost bind mount.
+pub fn is_nsfs(f: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs writes into st, a properly sized buffer, for a valid fd.
+    let rc = unsafe { libc::fstatfs(f.as_raw_fd(), st.as_mut_ptr()) };
+    // SAFETY: initialised by a successful fstatfs.
+    rc == 0 && unsafe { st.assume_init() }.f_type as i64 == NSFS_MAGIC
+}
+
 /// Inode of this process's own network namespace.
 pub fn self_inode() -> io::Result<u64> {
     Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())

@@ -302,11 +302,12 @@ fn give_back(rec: &EniRecord) -> Vec<String> {
         Ok(f) => f,
         Err(e) => return vec![format!("open own netns: {e}")],
     };
+    // A pin whose bind mount is gone (reboot, another mount namespace) is only an empty file.
     let pinned = rec
         .netns_pin
         .as_ref()
         .and_then(|p| File::open(p).ok())
-        .filter(|f| netns::inode(f).is_ok());
+        .filter(netns::is_nsfs);
     if let Some(ns) = pinned {
         let r = (|| -> anyhow::Result<()> {
             let mut t = Netlink::open_in(ns.as_fd())?;
