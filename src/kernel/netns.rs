@@ -24,9 +24,10 @@ pub fn is_nsfs(f: &File) -> bool {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: fstatfs writes into st, a properly sized buffer, for a valid fd.
     let rc = unsafe { libc::fstatfs(f.as_raw_fd(), st.as_mut_ptr()) };
-    // SAFETY: initialised by a successful fstatfs. (f_type's width differs between targets.)
+    // f_type's width differs between targets.
     #[allow(clippy::unnecessary_cast)]
     let nsfs = |st: libc::statfs| st.f_type as i64 == NSFS_MAGIC;
+    // SAFETY: st is only read after a successful fstatfs initialised it.
     rc == 0 && nsfs(unsafe { st.assume_init() })
 }
 
