@@ -9,10 +9,10 @@ use crate::kernel::netlink::{Netlink, link_name};
 use crate::kernel::netns;
 use crate::modes::{HostKernel, Kernel};
 use crate::request::NetworkMode;
-use crate::state::ContainerRecord;
+use crate::state::{ContainerRecord, State};
 
 /// Whether the container's process still holds the netns recorded at setup.
-fn alive(rec: &ContainerRecord) -> bool {
+pub fn alive(rec: &ContainerRecord) -> bool {
     match (rec.pid, rec.netns_inode) {
         (Some(pid), Some(ino)) => netns::open_pid(pid)
             .and_then(|f| netns::inode(&f))
@@ -31,21 +31,9 @@ pub fn gc(g: &Globals) -> anyhow::Result<()> {
     let lock = sd.lock()?;
     let mut state = sd.load()?;
     let mut k = HostKernel::new();
-    let dead: Vec<ContainerRecord> = state
-        .containers
-        .values()
-        .filter(|r| !alive(r))
-        .cloned()
-        .collect();
-    let mut failed = Vec::new();
-    for rec in &dead {
-        let errs = release(&mut k, &state, rec);
-        if errs.is_empty() {
-            state.containers.remove(&rec.id);
-            println!("released {}", rec.id);
-        } else {
-            failed.push(format!("{}: {}", rec.id, errs.join("; ")));
-        }
+    let (released, mut failed) = reap_dead(&mut k, &mut state);
+    for id in released {
+        println!("released {id}");
     }
     // Host veth ends no record knows (a hook killed between creating and recording them).
     let known: Vec<&str> = state
@@ -83,6 +71,28 @@ fn is_ours(name: &str) -> bool {
     name.len() == 11
         && (name.starts_with("nsh") || name.starts_with("nsa"))
         && name[3..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Releases every record whose process is gone and drops it from `state`. Returns the released
+/// ids and the failures; a record whose release fails stays, for a later run.
+pub fn reap_dead(k: &mut dyn Kernel, state: &mut State) -> (Vec<String>, Vec<String>) {
+    let dead: Vec<ContainerRecord> = state
+        .containers
+        .values()
+        .filter(|r| !alive(r))
+        .cloned()
+        .collect();
+    let (mut released, mut failed) = (Vec::new(), Vec::new());
+    for rec in &dead {
+        let errs = release(k, state, rec);
+        if errs.is_empty() {
+            state.containers.remove(&rec.id);
+            released.push(rec.id.clone());
+        } else {
+            failed.push(format!("{}: {}", rec.id, errs.join("; ")));
+        }
+    }
+    (released, failed)
 }
 
 /// Re-applies the firewall from the state (after a firewall reload wiped it).

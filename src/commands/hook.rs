@@ -5,12 +5,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
 
-use crate::commands::Globals;
+use std::fs::File;
+
+use crate::commands::{Globals, gc};
+use crate::config::Config;
 use crate::kernel::netns;
 use crate::kernel::probe::BindProbe;
 use crate::modes::{HostKernel, Kernel, awsvpc, bridge, host};
 use crate::oci::{self, OciState};
-use crate::request::{self, NetworkMode};
+use crate::request::{self, EniSpec, NetworkMode, NetworkRequest};
 use crate::state::{ContainerRecord, State};
 use crate::trace;
 
@@ -134,45 +137,24 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
         ports: Vec::new(),
         eni: None,
     };
-    let what = format!("{} setup for container {}", req.mode, st.id);
-    match req.mode {
-        NetworkMode::Bridge => {
-            let plan =
-                bridge::plan(&cfg, &mut state, &st.id, &req, &BindProbe).context(what.clone())?;
-            bridge::apply(&mut k, &cfg, &state, &plan, &ns).context(what.clone())?;
-            rec.ip = Some(plan.ip);
-            rec.veth = Some(plan.veth);
-            rec.bridge = Some(cfg.bridge_name.clone());
-            rec.ports = plan.ports;
-            if req.ingress.is_some()
-                && let Err(e) = awsvpc::task_firewall(&ns, req.ingress.as_deref(), true)
-            {
-                let _ = release(&mut k, &state, &rec);
-                return Err(e.context(what));
-            }
+    let ctx = ModeCtx {
+        cfg: &cfg,
+        state_dir: &sd.dir,
+        req: &req,
+        eni: eni.as_ref(),
+        ns: &ns,
+        pid,
+    };
+    if let Err(first) = apply_mode(&ctx, &mut k, &mut state, &mut rec) {
+        // Containers that died without a poststop (crun and podman skip it after a failed
+        // create) may hold the port, address or ENI this one needs: release them, try again.
+        let (reaped, _) = gc::reap_dead(&mut k, &mut state);
+        if reaped.is_empty() {
+            return Err(first);
         }
-        NetworkMode::Awsvpc => {
-            let eni = eni.ok_or_else(|| anyhow!("{what}: no ENI"))?;
-            let s = awsvpc::setup(
-                &cfg.awsvpc,
-                &state,
-                &sd.dir,
-                &st.id,
-                pid,
-                &ns,
-                &eni,
-                req.ingress.as_deref(),
-            )
-            .context(what)?;
-            rec.ip = Some(s.ip);
-            rec.eni = Some(s.eni);
-            rec.ports = awsvpc::ports(&req.mappings);
-        }
-        NetworkMode::Host => {
-            rec.ports = host::plan(&cfg, &mut state, &st.id, &req, &BindProbe).context(what)?;
-        }
-        NetworkMode::None => {
-            k.loopback_up(&ns).context("bring lo up").context(what)?;
+        if let Err(again) = apply_mode(&ctx, &mut k, &mut state, &mut rec) {
+            sd.store(&state, &lock)?;
+            return Err(again);
         }
     }
     state.containers.insert(st.id.clone(), rec.clone());
@@ -182,6 +164,67 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
         return Err(e.into());
     }
     trace::mark("store-state");
+    Ok(())
+}
+
+/// What a mode's setup needs besides the ledger and the record.
+struct ModeCtx<'a> {
+    cfg: &'a Config,
+    state_dir: &'a std::path::Path,
+    req: &'a NetworkRequest,
+    eni: Option<&'a EniSpec>,
+    ns: &'a File,
+    pid: i32,
+}
+
+/// Runs the mode's setup, filling `rec`; on error everything it did is undone.
+fn apply_mode(
+    c: &ModeCtx,
+    k: &mut HostKernel,
+    state: &mut State,
+    rec: &mut ContainerRecord,
+) -> anyhow::Result<()> {
+    let (cfg, req, ns, pid) = (c.cfg, c.req, c.ns, c.pid);
+    let what = format!("{} setup for container {}", req.mode, rec.id);
+    match req.mode {
+        NetworkMode::Bridge => {
+            let plan = bridge::plan(cfg, state, &rec.id, req, &BindProbe).context(what.clone())?;
+            bridge::apply(k, cfg, state, &plan, ns).context(what.clone())?;
+            rec.ip = Some(plan.ip);
+            rec.veth = Some(plan.veth);
+            rec.bridge = Some(cfg.bridge_name.clone());
+            rec.ports = plan.ports;
+            if req.ingress.is_some()
+                && let Err(e) = awsvpc::task_firewall(ns, req.ingress.as_deref(), true)
+            {
+                let _ = release(k, state, rec);
+                return Err(e.context(what));
+            }
+        }
+        NetworkMode::Awsvpc => {
+            let eni = c.eni.ok_or_else(|| anyhow!("{what}: no ENI"))?;
+            let s = awsvpc::setup(
+                &cfg.awsvpc,
+                state,
+                c.state_dir,
+                &rec.id,
+                pid,
+                ns,
+                eni,
+                req.ingress.as_deref(),
+            )
+            .context(what)?;
+            rec.ip = Some(s.ip);
+            rec.eni = Some(s.eni);
+            rec.ports = awsvpc::ports(&req.mappings);
+        }
+        NetworkMode::Host => {
+            rec.ports = host::plan(cfg, state, &rec.id, req, &BindProbe).context(what)?;
+        }
+        NetworkMode::None => {
+            k.loopback_up(ns).context("bring lo up").context(what)?;
+        }
+    }
     Ok(())
 }
 
