@@ -253,7 +253,16 @@ pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
         return Ok(());
     };
     let mut k = HostKernel::new();
-    let errs = release(&mut k, &state, &rec);
+    // The kernel makes a veth deletion wait 20 ms or more for RCU grace periods. The bridge veth
+    // is deleted after the ledger is committed and the lock released, so concurrent teardowns
+    // and setups do not queue behind that wait. Its address is not handed out again at once
+    // (next-fit), and a veth left by a crash in between is swept by `shim gc`.
+    let mut quick = rec.clone();
+    let veth = match rec.mode {
+        NetworkMode::Bridge => quick.veth.take(),
+        _ => None,
+    };
+    let errs = release(&mut k, &state, &quick);
     if !errs.is_empty() {
         // Keep the record so `shim gc` can finish the job.
         bail!(
@@ -263,5 +272,11 @@ pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
     }
     state.containers.remove(id);
     sd.store(&state, &lock)?;
+    drop(lock);
+    if let Some(v) = veth {
+        k.del_link(&v).with_context(|| {
+            format!("teardown of container {id}: delete veth {v} (`shim gc` deletes it later)")
+        })?;
+    }
     Ok(())
 }
