@@ -1,25 +1,13 @@
 //! Bridge mode against real namespaces, veths and nftables, with real TCP and UDP traffic.
 //! Needs root; each test runs in its own host namespace, so they run in parallel.
 
+#[macro_use]
 mod common;
 
 use std::fs;
 use std::time::Duration;
 
 use common::*;
-
-const CFG: &str = "[ports]\ndynamic_range = \"40000-40999\"\n";
-const SHORT: Duration = Duration::from_millis(1500);
-const PATIENT: Duration = Duration::from_secs(4);
-
-macro_rules! root_only {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
-    };
-}
 
 #[test]
 fn mapped_ports_carry_tcp_and_udp_from_every_source() {

@@ -1,22 +1,9 @@
 //! host and none modes against real namespaces: one host-port ledger across all modes.
 
+#[macro_use]
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-
-const CFG: &str = "[ports]\ndynamic_range = \"40000-40999\"\n";
-const PATIENT: Duration = Duration::from_secs(4);
-
-macro_rules! root_only {
-    () => {
-        if !is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
-    };
-}
 
 #[test]
 fn second_host_mode_claim_fails_while_the_first_keeps_serving() {

@@ -1,18 +1,14 @@
 //! A container that died without a poststop (crun and podman skip it after a failed create)
 //! must not keep its host port, address or ENI from the next container.
 
+#[macro_use]
 mod common;
-
-use std::time::Duration;
 
 use common::*;
 
 #[test]
 fn a_dead_holder_without_poststop_is_released_when_its_port_is_asked_for() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    root_only!();
     let mut rig = Rig::new("[ports]\ndynamic_range = \"43000-43001\"\n");
     let (a, b, live) = (rig.container(), rig.container(), rig.container());
     must_succeed(
@@ -37,7 +33,7 @@ fn a_dead_holder_without_poststop_is_released_when_its_port_is_asked_for() {
     );
     tcp_server(&rig.containers[b].ns, 80, "b has it");
     assert_eq!(
-        tcp_get(&rig.client, HOST_IP, 18081, Duration::from_secs(4)).unwrap(),
+        tcp_get(&rig.client, HOST_IP, 18081, PATIENT).unwrap(),
         "b has it"
     );
     let ids = rig.recorded();

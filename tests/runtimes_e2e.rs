@@ -3,7 +3,8 @@
 //! busybox httpd containers, real TCP from a client network namespace through the host ports.
 //! The runc cases are in `runc_e2e.rs`; these are the same cases under the other runtimes (two
 //! dynamic ports serving, a refused static-port conflict leaving nothing, delete releasing
-//! everything), plus each runtime's own failed-create and poststop behaviour: crun and podman
+//! everything, an awsvpc task on a veth "ENI" serving a peer in the subnet and handing the ENI
+//! back), plus each runtime's own failed-create and poststop behaviour: crun and podman
 //! never run poststop after a failed create (netshim's rollback must leave nothing; a failure
 //! after its hook is left to `shim gc`), podman runs poststop when the container exits.
 //! See docs/runtimes.md.
@@ -12,10 +13,10 @@
 //!   netns C (client) 172.31.n.2/30 ---veth--- 172.31.n.1/30 netns H (the "host")
 //! ```
 //!
-//! Every runtime runs inside H (`nsenter --net`, not `ip netns exec`, which remounts /sys and hides
-//! this host's cgroup v1 mounts), so its hooks run there and netshim0, the nsh* veths and the
-//! nftables table `ip netshim` are made in H, never on the real host. Containers get their own
-//! network namespaces from the runtime.
+//! Every runtime runs inside H (`nsenter --net`; the world, the hook files and the bundles are
+//! `common::lab`'s, the VPC rig `common::vpc`'s), so its hooks run there and netshim0, the nsh*
+//! veths and the nftables table `ip netshim` are made in H, never on the real host. Containers
+//! get their own network namespaces from the runtime.
 //!
 //! * crun runs through an unshare wrapper written into the test's temp dir: on a hybrid cgroup
 //!   host it hides the cgroup2 mount in a private mount namespace (crun refuses hybrid mode).
@@ -33,32 +34,41 @@
 //! Needs root, crun, containerd, podman, runc, iproute2, nftables and /bin/busybox (static);
 //! `scripts/deps.sh` installs them. A missing runtime fails its tests with the reason.
 
+mod common;
+
 use std::cell::RefCell;
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-const SHIM: &str = env!("CARGO_BIN_EXE_shim");
-/// Where the shipped hook files point; tests replace it with the binary under test.
-const INSTALLED_SHIM: &str = "/usr/local/bin/shim";
-const DYNAMIC_RANGE: (u64, u64) = (40000, 40999);
+use common::lab::*;
+use common::mounts_under_in;
+use common::vpc::{VpcNet, assert_eni_home, eni_annotation, link_by_mac};
+
+const FLAVOUR: Flavour = Flavour {
+    tag: "nsr",
+    dir: "netshim-rt",
+    net: "172.31",
+    patience: Duration::from_secs(5),
+};
 const STATIC_PORT: u16 = 18080;
-const BUSYBOX: &str = "/bin/busybox";
-const APPLETS: [&str; 5] = ["sh", "httpd", "sleep", "ip", "cat"];
-const HTTPD: [&str; 7] = ["/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/www"];
 const DYNAMIC: &str = r#"[{"containerPort":80}]"#;
 const STATIC: &str = r#"[{"containerPort":80,"hostPort":18080}]"#;
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+/// Run by the holder of crun's mount namespace (in it): the cgroup2 mount hidden as by the
+/// default wrapper, and the copies of every nsfs mount detached (a copy would keep another
+/// test's network namespace alive after `ip netns del` as long as the holder lives).
+const HOLD_CRUN_MOUNT_NS: &str = r#"umount -n -l /sys/fs/cgroup/unified 2>/dev/null
+for m in $(sed -n 's/^\([^ ]* \)\{4\}\([^ ]*\) .* - nsfs .*/\2/p' /proc/self/mountinfo); do
+  umount -n -l "$m"
+done
+exec sleep 600"#;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Rt {
@@ -150,60 +160,6 @@ impl Drop for HostDirClaim {
 // ---------------------------------------------------------------------------------------------
 // Small helpers.
 
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn must(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        text(&out)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command with stdout and stderr to `log` (runtimes hand their stdio to detached
-/// containers, so never a pipe); returns success and what it wrote.
-fn run_logged(cmd: &mut Command, log: &Path) -> (bool, String) {
-    let f = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
-    let status = cmd
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().expect("dup log"))
-        .stderr(f)
-        .status()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    (
-        status.success(),
-        fs::read_to_string(log).unwrap_or_default(),
-    )
-}
-
-fn ip(args: &[&str]) -> String {
-    must(Command::new("ip").args(args))
-}
-
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     path.split(':')
@@ -215,20 +171,6 @@ fn which(name: &str) -> Option<PathBuf> {
 fn write_executable(path: &Path, body: &str) {
     fs::write(path, body).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     fs::set_permissions(path, fs::Permissions::from_mode(0o755)).expect("chmod");
-}
-
-/// Waits until `f` holds, up to `limit`.
-fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Pids of processes (other than this one) whose command line mentions `needle`.
@@ -253,130 +195,14 @@ fn podman_csv(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-// ---------------------------------------------------------------------------------------------
-// The shipped hook files.
-
-/// Rewrites one shipped hook entry for this test: the binary under test, this test's state dir,
-/// and a config with a known dynamic range. Also checks the entry is what the shim expects.
-fn localize_hook(hook: &Value, stage: &str, state_dir: &Path, config: &Path) -> Value {
-    let mut h = hook.clone();
-    assert_eq!(
-        h["path"], INSTALLED_SHIM,
-        "{stage} hook: shipped path must be {INSTALLED_SHIM}"
-    );
-    assert_eq!(
-        h["args"],
-        json!(["shim", "hook", stage]),
-        "{stage} hook: args must name the stage (runtimes pass the stage nowhere else)"
-    );
-    assert!(
-        h["timeout"].as_u64().is_some_and(|t| t > 0),
-        "{stage} hook: needs a timeout"
-    );
-    let env: Vec<String> = h["env"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{stage} hook: env must be a list (hooks get no other env)"))
-        .iter()
-        .map(|v| v.as_str().expect("env entries are strings").to_string())
-        .collect();
-    assert!(
-        env.iter().any(|e| e == "NETSHIM_STATE_DIR=/run/netshim"),
-        "{stage} hook: env must set NETSHIM_STATE_DIR=/run/netshim: {env:?}"
-    );
-    let mut env: Vec<String> = env
-        .into_iter()
-        .filter(|e| !e.starts_with("NETSHIM_STATE_DIR=") && !e.starts_with("NETSHIM_CONFIG="))
-        .collect();
-    env.push(format!("NETSHIM_STATE_DIR={}", state_dir.display()));
-    env.push(format!("NETSHIM_CONFIG={}", config.display()));
-    h["path"] = json!(SHIM);
-    h["env"] = json!(env);
-    h
-}
-
-/// The `hooks` object of a shipped spec fragment (runc-hooks.json, containerd/*.json), localized.
-fn hooks_from_spec_fragment(rel: &str, state_dir: &Path, config: &Path) -> Value {
-    let fragment = read_json(&repo_file(rel));
-    let hooks = fragment["hooks"]
-        .as_object()
-        .unwrap_or_else(|| panic!("{rel}: a top-level \"hooks\" object"));
-    let mut stages: Vec<&String> = hooks.keys().collect();
-    stages.sort();
-    assert_eq!(stages, ["createRuntime", "poststop"], "{rel}");
-    let mut out = serde_json::Map::new();
-    for (stage, list) in hooks {
-        let list = list.as_array().expect("each stage is a list of hooks");
-        assert_eq!(list.len(), 1, "{rel}: {stage}: one netshim hook");
-        out.insert(
-            stage.clone(),
-            json!([localize_hook(&list[0], stage, state_dir, config)]),
-        );
+/// One `--annotation` value for podman: `key=value`, CSV-quoted when it holds quotes or commas.
+fn podman_annotation(key: &str, value: &str) -> String {
+    let kv = format!("{key}={value}");
+    if kv.contains(['"', ',']) {
+        podman_csv(&kv)
+    } else {
+        kv
     }
-    Value::Object(out)
-}
-
-/// The shipped `ctr run --config` fragment: its hooks, localized, after checking its annotations
-/// are netshim's and well-formed.
-fn hooks_from_ctr_fragment(state_dir: &Path, config: &Path) -> Value {
-    let rel = "hooks/containerd/ctr-run-config.json";
-    let fragment = read_json(&repo_file(rel));
-    let ann = fragment["annotations"]
-        .as_object()
-        .unwrap_or_else(|| panic!("{rel}: annotations (ctr ignores --annotation with --config)"));
-    assert!(
-        ann["netshim.network-mode"] == "bridge",
-        "{rel}: netshim.network-mode"
-    );
-    let pm = ann["netshim.port-mappings"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{rel}: netshim.port-mappings must be a string"));
-    let pm: Value = serde_json::from_str(pm)
-        .unwrap_or_else(|e| panic!("{rel}: netshim.port-mappings is not JSON: {e}"));
-    assert!(
-        pm.is_array(),
-        "{rel}: netshim.port-mappings is a JSON array"
-    );
-    hooks_from_spec_fragment(rel, state_dir, config)
-}
-
-/// The oci-hooks.d files, each with its hook localized: (file name, file content).
-fn oci_hooks_d_files(state_dir: &Path, config: &Path) -> Vec<(String, Value)> {
-    let dir = repo_file("hooks/oci-hooks.d");
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    files.sort();
-    let mut out = Vec::new();
-    for f in &files {
-        let mut v = read_json(f);
-        let name = f.display();
-        assert_eq!(v["version"], "1.0.0", "{name}: oci-hooks.d version");
-        assert_eq!(
-            v["when"]["annotations"],
-            json!({ "^netshim\\.network-mode$": ".+" }),
-            "{name}: must fire only for containers that ask netshim for a network"
-        );
-        let stages = v["stages"].as_array().expect("stages list");
-        assert_eq!(stages.len(), 1, "{name}: exactly one stage per file");
-        let stage = stages[0].as_str().expect("stage name").to_string();
-        v["hook"] = localize_hook(&v["hook"], &stage, state_dir, config);
-        let file_name = f.file_name().expect("file name").to_string_lossy();
-        out.push((file_name.into_owned(), v));
-    }
-    out
-}
-
-/// The runtime-spec `hooks` the oci-hooks.d files amount to (how podman applies them).
-fn hooks_from_oci_hooks_d(state_dir: &Path, config: &Path) -> Value {
-    let mut out = serde_json::Map::new();
-    for (name, v) in oci_hooks_d_files(state_dir, config) {
-        let stage = v["stages"][0].as_str().expect("stage").to_string();
-        let prev = out.insert(stage.clone(), json!([v["hook"]]));
-        assert!(prev.is_none(), "{name}: stage {stage} defined twice");
-    }
-    Value::Object(out)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -390,32 +216,30 @@ struct Ctr {
     id: String,
 }
 
+/// The world (H, C, the temp dir) with one runtime set up in it.
 struct Lab {
     rt: Rt,
-    prefix: String,
-    host_ns: String,
-    client_ns: String,
-    /// H's address on the H–C link: what the client connects to.
-    host_addr: String,
-    dir: PathBuf,
+    world: World,
     /// Spec hooks for crun and containerd bundles (podman uses the hooks dir).
-    hooks: RefCell<Value>,
+    hooks: Value,
     /// Names of every container started (failed ones too), for cleanup.
     names: RefCell<Vec<String>>,
     containerd: RefCell<Option<Child>>,
-    host_dirs: Option<HostDirClaim>,
+    /// The process holding crun's mount namespace, once [`Lab::hold_crun_mount_ns`] made one.
+    crun_mount_ns: RefCell<Option<Child>>,
+    /// Dropped after `world`, so after the runtime's leftovers in the temp dir are gone.
+    _host_dirs: HostDirClaim,
+}
+
+impl Deref for Lab {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.world
+    }
 }
 
 impl Lab {
     fn new(rt: Rt) -> Lab {
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "the {rt:?} e2e tests need root (network namespaces, runtimes, nftables)"
-        );
-        assert!(
-            Path::new(BUSYBOX).exists(),
-            "{BUSYBOX} missing: apt-get install -y busybox-static"
-        );
         for b in rt.binaries() {
             assert!(
                 which(b).is_some(),
@@ -423,59 +247,26 @@ impl Lab {
                  run scripts/deps.sh (apt-get install -y crun containerd podman)"
             );
         }
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let prefix = format!("nsr{}x{}", std::process::id(), n);
-        // Link and netns names are the prefix plus one letter; the kernel allows 15 characters.
-        assert!(prefix.len() < 15, "prefix {prefix} too long for link names");
-        let dir = std::env::temp_dir().join(format!("netshim-rt-{prefix}"));
-        let third = n % 250 + 1;
+        let world = World::new(&FLAVOUR, &format!("{rt:?}"));
+        let (sd, cfg) = (world.state_dir(), world.config());
+        let hooks = match rt {
+            Rt::Crun => hooks_from_spec_fragment(RUNC_HOOKS, &sd, &cfg),
+            Rt::Containerd => hooks_from_ctr_fragment(&sd, &cfg),
+            Rt::Podman => Value::Null,
+        };
         let lab = Lab {
             rt,
-            host_ns: format!("{prefix}h"),
-            client_ns: format!("{prefix}c"),
-            host_addr: format!("172.31.{third}.1"),
-            prefix,
-            dir,
-            hooks: RefCell::new(Value::Null),
+            world,
+            hooks,
             names: RefCell::new(Vec::new()),
             containerd: RefCell::new(None),
-            host_dirs: Some(HostDirClaim::new(rt.host_dirs())),
+            crun_mount_ns: RefCell::new(None),
+            _host_dirs: HostDirClaim::new(rt.host_dirs()),
         };
-        // From here on, Drop cleans up whatever was made.
-        let _ = fs::remove_dir_all(&lab.dir);
-        fs::create_dir_all(lab.state_dir()).expect("create temp dirs");
-        let range = format!("{}-{}", DYNAMIC_RANGE.0, DYNAMIC_RANGE.1);
-        fs::write(
-            lab.config(),
-            format!("[ports]\ndynamic_range = \"{range}\"\n"),
-        )
-        .expect("write config");
-
-        let (h, c) = (lab.host_ns.as_str(), lab.client_ns.as_str());
-        let (hv, cv) = (format!("{}a", lab.prefix), format!("{}b", lab.prefix));
-        let host_cidr = format!("{}/30", lab.host_addr);
-        let client_addr = format!("172.31.{third}.2");
-        let client_cidr = format!("{client_addr}/30");
-        ip(&["netns", "add", h]);
-        ip(&["-n", h, "link", "set", "lo", "up"]);
-        ip(&["netns", "add", c]);
-        ip(&["-n", c, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", h, "link", "add", &hv, "type", "veth", "peer", "name", &cv, "netns", c,
-        ]);
-        ip(&["-n", h, "addr", "add", &host_cidr, "dev", &hv]);
-        ip(&["-n", h, "link", "set", &hv, "up"]);
-        ip(&["-n", c, "addr", "add", &client_cidr, "dev", &cv]);
-        ip(&["-n", c, "link", "set", &cv, "up"]);
-        ip(&["-n", c, "route", "add", "default", "via", &lab.host_addr]);
-        // Like a real host, H has a default route (its source is the load-balancer target).
-        ip(&["-n", h, "route", "add", "default", "via", &client_addr]);
-
-        let (sd, cfg) = (lab.state_dir(), lab.config());
         match rt {
             Rt::Crun => {
                 let crun = which("crun").expect("crun");
-                // RUNTIMES.md's wrapper; `umount -n` so libmount does not create /run/mount.
+                // docs/runtimes.md's wrapper; `umount -n` so libmount does not create /run/mount.
                 write_executable(
                     &lab.crun_wrapper(),
                     &format!(
@@ -490,13 +281,8 @@ impl Lab {
                         crun = crun.display()
                     ),
                 );
-                *lab.hooks.borrow_mut() =
-                    hooks_from_spec_fragment("hooks/runc-hooks.json", &sd, &cfg);
             }
-            Rt::Containerd => {
-                *lab.hooks.borrow_mut() = hooks_from_ctr_fragment(&sd, &cfg);
-                lab.start_containerd();
-            }
+            Rt::Containerd => lab.start_containerd(),
             Rt::Podman => {
                 let hooks_d = lab.dir.join("hooks.d");
                 fs::create_dir_all(&hooks_d).expect("create hooks.d");
@@ -518,14 +304,6 @@ impl Lab {
         lab
     }
 
-    fn state_dir(&self) -> PathBuf {
-        self.dir.join("state")
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.join("config.toml")
-    }
-
     fn crun_wrapper(&self) -> PathBuf {
         self.dir.join("crun-nsw")
     }
@@ -534,13 +312,49 @@ impl Lab {
         self.dir.join("ctrd.sock")
     }
 
-    /// A command run inside H (network namespace only).
-    fn in_host(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.host_ns))
-            .arg("--")
-            .arg(prog);
-        c
+    /// From now on crun runs in one private mount namespace (the cgroup2 mount hidden, as by the
+    /// default wrapper) held by a `sleep` for the rest of the test, not in a new one per call. A
+    /// mount a hook makes (an awsvpc task's netns pin) then outlives the `crun run` whose hook
+    /// made it and is there for the poststop of `crun delete`; with the default wrapper it goes
+    /// with the wrapper's namespace when `crun run` exits.
+    fn hold_crun_mount_ns(&self) {
+        assert_eq!(
+            self.rt,
+            Rt::Crun,
+            "only crun runs in a mount namespace of its own"
+        );
+        let crun = which("crun").expect("crun");
+        let holder = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(HOLD_CRUN_MOUNT_NS)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the holder of crun's mount namespace");
+        // unshare and sh exec, so the pid is the holder's from the start.
+        let pid = holder.id();
+        *self.crun_mount_ns.borrow_mut() = Some(holder);
+        let ready = wait_for(Duration::from_secs(5), || {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        });
+        assert!(ready, "the holder of crun's mount namespace did not start");
+        write_executable(
+            &self.crun_wrapper(),
+            &format!(
+                "#!/bin/sh\nexec nsenter --mount=/proc/{pid}/ns/mnt -- {crun} \"$@\"\n",
+                crun = crun.display()
+            ),
+        );
+    }
+
+    /// netshim's netns pins (mounts under the state dir) in the mount namespace the hooks run in.
+    fn pins(&self) -> Vec<String> {
+        let mountinfo = match &*self.crun_mount_ns.borrow() {
+            Some(holder) => format!("/proc/{}/mountinfo", holder.id()),
+            None => "/proc/self/mountinfo".to_string(),
+        };
+        mounts_under_in(Path::new(&mountinfo), &self.state_dir())
     }
 
     fn crun(&self) -> Command {
@@ -571,13 +385,6 @@ impl Lab {
             // podman's default runtime is crun, which refuses this host's hybrid cgroups.
             .args(["--runtime", "runc", "--hooks-dir"])
             .arg(d.join("hooks.d"));
-        c
-    }
-
-    fn shim(&self) -> Command {
-        let mut c = self.in_host(SHIM);
-        c.env("NETSHIM_STATE_DIR", self.state_dir())
-            .env("NETSHIM_CONFIG", self.config());
         c
     }
 
@@ -624,76 +431,21 @@ impl Lab {
         );
     }
 
-    /// Container name for a short name; unique across tests and test processes.
-    fn name(&self, short: &str) -> String {
-        format!("{}-{short}", self.prefix)
-    }
-
-    /// A rootfs with busybox and a page naming the container.
-    fn rootfs(&self, short: &str) -> PathBuf {
-        let rootfs = self.dir.join(short).join("rootfs");
-        for d in ["bin", "proc", "sys", "dev", "etc", "tmp", "www"] {
-            fs::create_dir_all(rootfs.join(d)).expect("create rootfs dirs");
-        }
-        fs::copy(BUSYBOX, rootfs.join("bin/busybox")).expect("copy busybox");
-        for a in APPLETS {
-            symlink("busybox", rootfs.join("bin").join(a)).expect("applet symlink");
-        }
-        fs::write(
-            rootfs.join("www/index.html"),
-            format!(
-                "<html><body>hello from {}</body></html>\n",
-                self.name(short)
-            ),
-        )
-        .expect("write index.html");
-        rootfs
-    }
-
     /// A bundle `config.json` for crun and `ctr run --config`, hooks from the shipped files.
-    fn write_bundle(&self, short: &str, port_mappings: &str, args: &[&str]) -> PathBuf {
-        let bundle = self.dir.join(short);
-        let rootfs = self.rootfs(short);
-        let mut annotations = json!({
-            "netshim.network-mode": "bridge",
-            "netshim.port-mappings": port_mappings
-        });
+    fn write_bundle(&self, short: &str, annotations: &[(&str, &str)], args: &[&str]) -> PathBuf {
+        let mut ann: serde_json::Map<String, Value> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
         if self.rt == Rt::Crun {
             // crun sends hook output nowhere unless told: keep it to check the shim's message.
-            annotations["run.oci.hooks.stderr"] = json!(bundle.join("hooks.err"));
+            ann.insert(
+                "run.oci.hooks.stderr".into(),
+                json!(self.dir.join(short).join("hooks.err")),
+            );
         }
-        let spec = json!({
-            "ociVersion": "1.0.2",
-            "process": {
-                "terminal": false,
-                "user": {"uid": 0, "gid": 0},
-                "cwd": "/",
-                "args": args,
-                "env": ["PATH=/bin"],
-                "capabilities": {
-                    "bounding": ["CAP_NET_BIND_SERVICE"],
-                    "effective": ["CAP_NET_BIND_SERVICE"],
-                    "permitted": ["CAP_NET_BIND_SERVICE"]
-                }
-            },
-            "root": {"path": rootfs},
-            "hostname": short,
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}
-            ],
-            "annotations": annotations,
-            "hooks": *self.hooks.borrow(),
-            "linux": {"namespaces": [
-                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}
-            ]}
-        });
-        fs::write(
-            bundle.join("config.json"),
-            serde_json::to_vec_pretty(&spec).expect("serialize spec"),
-        )
-        .expect("write config.json");
-        bundle
+        self.world
+            .write_bundle(short, Value::Object(ann), &self.hooks, args, true)
     }
 
     /// Creates and starts a bridge container running httpd on :80, inside H. Returns the
@@ -709,12 +461,32 @@ impl Lab {
         port_mappings: &str,
         args: &[&str],
     ) -> (Ctr, bool, String) {
+        let annotations = [
+            ("netshim.network-mode", "bridge"),
+            ("netshim.port-mappings", port_mappings),
+        ];
+        self.start_annotated(short, &annotations, args)
+    }
+
+    /// Creates and starts an awsvpc task running httpd on :80; `eni` is the `netshim.eni` request.
+    fn start_awsvpc(&self, short: &str, eni: &str) -> (Ctr, bool, String) {
+        let annotations = [("netshim.network-mode", "awsvpc"), ("netshim.eni", eni)];
+        self.start_annotated(short, &annotations, &HTTPD)
+    }
+
+    /// Creates and starts a container with `annotations` running `args`, inside H.
+    fn start_annotated(
+        &self,
+        short: &str,
+        annotations: &[(&str, &str)],
+        args: &[&str],
+    ) -> (Ctr, bool, String) {
         let name = self.name(short);
         self.names.borrow_mut().push(name.clone());
         let log = self.dir.join(format!("{short}.out"));
         let (ok, out, id) = match self.rt {
             Rt::Crun => {
-                let bundle = self.write_bundle(short, port_mappings, args);
+                let bundle = self.write_bundle(short, annotations, args);
                 let (ok, out) = run_logged(
                     self.crun()
                         .args(["run", "-d", "-b"])
@@ -726,7 +498,7 @@ impl Lab {
                 (ok, format!("{out}{hook_err}"), name.clone())
             }
             Rt::Containerd => {
-                let bundle = self.write_bundle(short, port_mappings, args);
+                let bundle = self.write_bundle(short, annotations, args);
                 let (ok, out) = run_logged(
                     self.ctr()
                         .args(["run", "-d", "--null-io", "--runc-root"])
@@ -740,24 +512,22 @@ impl Lab {
             }
             Rt::Podman => {
                 let rootfs = self.rootfs(short);
+                let mut cmd = self.podman();
+                cmd.args(["run", "-d", "--name", &name, "--network", "none"]);
+                for (k, v) in annotations {
+                    cmd.arg("--annotation").arg(podman_annotation(k, v));
+                }
                 let (ok, out) = run_logged(
-                    self.podman()
-                        .args(["run", "-d", "--name", &name, "--network", "none"])
-                        .args(["--annotation", "netshim.network-mode=bridge"])
-                        .arg("--annotation")
-                        .arg(podman_csv(&format!(
-                            "netshim.port-mappings={port_mappings}"
-                        )))
-                        // no CAP_SYS_RESOURCE here: podman's default rlimits cannot be set
-                        .args([
-                            "--ulimit",
-                            "nofile=1024:1024",
-                            "--ulimit",
-                            "nproc=4096:4096",
-                        ])
-                        .arg("--rootfs")
-                        .arg(&rootfs)
-                        .args(args),
+                    // no CAP_SYS_RESOURCE here: podman's default rlimits cannot be set
+                    cmd.args([
+                        "--ulimit",
+                        "nofile=1024:1024",
+                        "--ulimit",
+                        "nproc=4096:4096",
+                    ])
+                    .arg("--rootfs")
+                    .arg(&rootfs)
+                    .args(args),
                     &log,
                 );
                 // A container whose create failed stays known (Created) and has an id too.
@@ -812,6 +582,36 @@ impl Lab {
         }
     }
 
+    /// The runtime's delete of `c` succeeds, reports no error, and the runtime forgets `c`.
+    fn delete_cleanly(&self, c: &Ctr) {
+        let rt = self.rt;
+        let (ok, out) = self.delete(&c.name);
+        assert!(ok, "{rt:?}: delete: {out}");
+        assert!(
+            !out.contains("error"),
+            "{rt:?}: delete reports an error: {out}"
+        );
+        assert!(!self.knows(&c.name), "{rt:?}: {} is gone", c.name);
+    }
+
+    /// podman runs poststop itself when the container exits (conmon starts `podman container
+    /// cleanup`), before and without any `podman rm`: kills `c`, waits until netshim no longer
+    /// holds it, and checks podman still has it.
+    fn podman_kill_releases(&self, c: &Ctr) {
+        let out = run(self.podman().args(["kill", &c.name]));
+        assert!(out.status.success(), "podman kill: {}", text(&out));
+        let released = wait_for(Duration::from_secs(10), || self.recorded().is_empty());
+        assert!(
+            released,
+            "podman: the container exited but netshim still holds it: {:?}",
+            self.recorded()
+        );
+        assert!(
+            self.knows(&c.name),
+            "the exited container is still there: released at exit, not at rm"
+        );
+    }
+
     /// Whether the runtime still has a record of the container.
     fn knows(&self, name: &str) -> bool {
         let out = match self.rt {
@@ -822,111 +622,8 @@ impl Lab {
         out.status.success()
     }
 
-    fn ports(&self) -> Vec<Value> {
-        let out = must(self.shim().args(["ports", "list", "--json"]));
-        let v: Value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("ports list --json is not JSON ({e}): {out}"));
-        v.as_array()
-            .unwrap_or_else(|| panic!("ports list --json is not an array: {out}"))
-            .clone()
-    }
-
-    /// Container ids in the state file.
-    fn recorded(&self) -> Vec<String> {
-        let path = self.state_dir().join("state.json");
-        if !path.exists() {
-            return Vec::new();
-        }
-        let v = read_json(&path);
-        let mut ids: Vec<String> = v["containers"]
-            .as_object()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
-        ids.sort();
-        ids
-    }
-
-    /// Links in H whose name starts with `prefix`.
-    fn links(&self, prefix: &str) -> Vec<String> {
-        ip(&["-n", &self.host_ns, "-o", "link", "show"])
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-            .filter(|n| n.starts_with(prefix))
-            .collect()
-    }
-
-    /// Elements of an nft map or set of `ip netshim` in H; empty if the table is gone.
-    fn nft_elements(&self, kind: &str, name: &str) -> Vec<Value> {
-        let out = run(self
-            .in_host("nft")
-            .args(["-j", "list", kind, "ip", "netshim", name]));
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                err.contains("No such file or directory"),
-                "nft list {kind} {name} in H: {err}"
-            );
-            return Vec::new();
-        }
-        let v: Value = serde_json::from_slice(&out.stdout).expect("nft -j output");
-        v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|o| o[kind]["elem"].as_array())
-            .flatten()
-            .cloned()
-            .collect()
-    }
-
-    /// GET / from the client netns through H's address and `port`, retrying for ~5 s while
-    /// httpd starts.
-    fn fetch(&self, port: u16) -> Result<String, String> {
-        let ns_path = format!("/run/netns/{}", self.client_ns);
-        let addr: SocketAddr = format!("{}:{port}", self.host_addr)
-            .parse()
-            .expect("socket address");
-        std::thread::spawn(move || {
-            let ns = File::open(&ns_path).map_err(|e| format!("open {ns_path}: {e}"))?;
-            // Only this thread moves into C.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!(
-                    "setns {ns_path}: {}",
-                    std::io::Error::last_os_error()
-                ));
-            }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let last = match get(addr) {
-                    Ok(r) if r.starts_with("HTTP/1.") => return Ok(r),
-                    Ok(r) => format!("not HTTP: {r:?}"),
-                    Err(e) => e.to_string(),
-                };
-                if Instant::now() >= deadline {
-                    return Err(format!("{addr}: {last}"));
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-        .join()
-        .expect("client thread")
-    }
-
     fn assert_serves(&self, port: u16, c: &Ctr) {
-        match self.fetch(port) {
-            Ok(r) => assert!(
-                r.contains(&format!("hello from {}<", c.name)),
-                "{:?}: page through {}:{port} is not {}'s: {r}",
-                self.rt,
-                self.host_addr,
-                c.name
-            ),
-            Err(e) => panic!(
-                "{:?}: no page from {} through {}:{port}: {e}",
-                self.rt, c.name, self.host_addr
-            ),
-        }
+        self.world.assert_serves(port, &c.name);
     }
 
     /// Nothing of netshim's is left: no veth, no nft elements, no ports, no records.
@@ -981,9 +678,7 @@ impl Lab {
                 eprintln!("{l}");
             }
         }
-        if let Ok(s) = fs::read_to_string(self.state_dir().join("state.json")) {
-            eprintln!("--- state.json: {s}");
-        }
+        self.dump_state();
     }
 
     fn stop_containerd(&self) {
@@ -1001,34 +696,6 @@ impl Lab {
         }
         let _ = child.wait();
     }
-
-    /// Unmounts whatever a runtime left mounted below the temp dir (podman's shm, on failure).
-    fn unmount_below_dir(&self) {
-        let prefix = format!("{}/", self.dir.display());
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<&str> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|p| p.starts_with(&prefix))
-            .collect();
-        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in points {
-            if let Ok(c) = std::ffi::CString::new(p) {
-                // SAFETY: a valid C string; MNT_DETACH only detaches this mount.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
-    }
-}
-
-fn get(addr: SocketAddr) -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 impl Drop for Lab {
@@ -1041,6 +708,11 @@ impl Drop for Lab {
             let _ = self.delete(name);
         }
         self.stop_containerd();
+        if let Some(mut holder) = self.crun_mount_ns.borrow_mut().take() {
+            // Its mount namespace, and any pin left in it, goes with it.
+            let _ = holder.kill();
+            let _ = holder.wait();
+        }
         // conmon's `podman container cleanup` and containerd shims may still be finishing;
         // they must not recreate the host paths after the claim is dropped.
         let dir = self.dir.display().to_string();
@@ -1052,20 +724,9 @@ impl Drop for Lab {
                 processes_mentioning(&dir)
             );
         }
-        self.unmount_below_dir();
-        for ns in [&self.client_ns, &self.host_ns] {
-            let _ = run(Command::new("ip").args(["netns", "del", ns]));
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-        drop(self.host_dirs.take());
+        // Then `world` drops (mounts below the temp dir, the namespaces, the temp dir), then
+        // `_host_dirs`.
     }
-}
-
-fn host_port(entry: &Value) -> u16 {
-    entry["hostPort"]
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
-        .unwrap_or_else(|| panic!("hostPort in {entry}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1169,29 +830,10 @@ fn delete_releases_everything(rt: Rt) {
     assert_eq!(lab.recorded(), vec![c.id.clone()]);
 
     if rt == Rt::Podman {
-        // podman runs poststop itself when the container exits (conmon starts `podman container
-        // cleanup`), before and without any `podman rm`.
-        let out = run(lab.podman().args(["kill", &c.name]));
-        assert!(out.status.success(), "podman kill: {}", text(&out));
-        let released = wait_for(Duration::from_secs(10), || lab.recorded().is_empty());
-        assert!(
-            released,
-            "podman: the container exited but netshim still holds it: {:?}",
-            lab.recorded()
-        );
-        assert!(
-            lab.knows(&c.name),
-            "the exited container is still there: released at exit, not at rm"
-        );
+        lab.podman_kill_releases(&c);
         lab.assert_all_released("after the container exited");
     }
-    let (ok, out) = lab.delete(&c.name);
-    assert!(ok, "{rt:?}: delete: {out}");
-    assert!(
-        !out.contains("error"),
-        "{rt:?}: delete reports an error: {out}"
-    );
-    assert!(!lab.knows(&c.name), "{rt:?}: {} is gone", c.name);
+    lab.delete_cleanly(&c);
     lab.assert_all_released("after delete");
 }
 
@@ -1233,6 +875,47 @@ fn failure_after_setup_is_released(rt: Rt) {
     }
     let c = lab.start_ok("web1", STATIC);
     lab.assert_serves(STATIC_PORT, &c);
+}
+
+/// An awsvpc task gets the ENI and serves its page to a peer in the subnet on its own address;
+/// the runtime's delete (podman: the task exiting) runs poststop, which hands the ENI back to H
+/// under its own name, with its MAC, down, without addresses.
+fn awsvpc_task_serves_the_subnet_and_hands_its_eni_back(rt: Rt) {
+    // H keeps its default route over the link to C, so the ENI is not the primary interface.
+    let lab = Lab::new(rt);
+    if rt == Rt::Crun {
+        // netshim pins the task's netns with a bind mount made by the createRuntime hook, in
+        // crun's mount namespace: it must outlive `crun run` (see `hold_crun_mount_ns`).
+        lab.hold_crun_mount_ns();
+    }
+    lab.set_config("[awsvpc]\neni_wait_seconds = 2\n");
+    let mut vpc = VpcNet::new(&lab.prefix, &lab.host_ns);
+    let eni = vpc.attach_eni();
+    let (c, ok, out) = lab.start_awsvpc("task1", &eni_annotation(&eni, "10.0.1.23/24"));
+    assert!(ok, "{rt:?}: starting an awsvpc task on {}: {out}", eni.mac);
+    assert!(!c.id.is_empty(), "{rt:?}: no id for {}", c.name);
+    assert_eq!(
+        link_by_mac(&lab.host_ns, &eni.mac),
+        None,
+        "{rt:?}: the ENI {} is still in H",
+        eni.name
+    );
+    let to: SocketAddr = "10.0.1.23:80".parse().expect("address");
+    match lab.fetch_from(&vpc.peer, to) {
+        Ok(r) => assert!(r.contains(&page_of(&c.name)), "{rt:?}: {to}: {r}"),
+        Err(e) => panic!("{rt:?}: no page from {} at {to} for the peer: {e}", c.name),
+    }
+    assert_eq!(lab.recorded(), vec![c.id.clone()], "{rt:?}");
+    assert_eq!(lab.pins().len(), 1, "{rt:?}: netshim pins the task's netns");
+
+    if rt == Rt::Podman {
+        lab.podman_kill_releases(&c);
+        assert_eni_home(&lab.host_ns, &eni, "podman: after the task exited");
+    }
+    lab.delete_cleanly(&c);
+    assert_eni_home(&lab.host_ns, &eni, &format!("{rt:?}: after delete"));
+    assert_eq!(lab.recorded(), Vec::<String>::new(), "{rt:?}");
+    assert_eq!(lab.pins(), Vec::<String>::new(), "{rt:?}: netns pins left");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1323,4 +1006,19 @@ fn podman_container_exit_runs_poststop_and_releases_everything() {
 #[test]
 fn podman_failure_after_setup_is_released_by_shim_gc() {
     failure_after_setup_is_released(Rt::Podman);
+}
+
+#[test]
+fn crun_awsvpc_task_serves_the_subnet_and_delete_hands_its_eni_back() {
+    awsvpc_task_serves_the_subnet_and_hands_its_eni_back(Rt::Crun);
+}
+
+#[test]
+fn containerd_awsvpc_task_serves_the_subnet_and_task_rm_hands_its_eni_back() {
+    awsvpc_task_serves_the_subnet_and_hands_its_eni_back(Rt::Containerd);
+}
+
+#[test]
+fn podman_awsvpc_task_serves_the_subnet_and_its_exit_hands_the_eni_back() {
+    awsvpc_task_serves_the_subnet_and_hands_its_eni_back(Rt::Podman);
 }

@@ -2,7 +2,25 @@
 //! shim runs (its bridge and firewall table live there, never on the real host), container
 //! namespaces with a process inside, and a "client machine" namespace routed to the host.
 //! Everything is named with a unique prefix and removed on drop, also when a test fails.
+//!
+//! Test files use it as `#[macro_use] mod common;` (for [`root_only!`]). Submodules: `vpc` (the
+//! awsvpc rig: a VPC namespace, peers, veth ENIs, fake metadata) and `lab` (the end-to-end
+//! tests' world under real runtimes: shipped hook files, busybox bundles, page fetches).
 #![allow(dead_code)]
+
+/// Returns early (the test passes, with a note) unless the test runs as root.
+#[allow(unused_macros)]
+macro_rules! root_only {
+    () => {
+        if !$crate::common::is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+    };
+}
+
+pub mod lab;
+pub mod vpc;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -20,6 +38,12 @@ pub const SHIM: &str = env!("CARGO_BIN_EXE_shim");
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
+/// A config with a known dynamic host-port range (40000-40999).
+pub const CFG: &str = "[ports]\ndynamic_range = \"40000-40999\"\n";
+/// How long a connection that must fail is tried.
+pub const SHORT: Duration = Duration::from_millis(1500);
+/// How long a connection that must succeed is retried.
+pub const PATIENT: Duration = Duration::from_secs(4);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -41,8 +65,10 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-pub fn ip(args: &[&str]) {
-    run(Command::new("/usr/sbin/ip").args(args));
+/// Runs `ip args...`, which must succeed; returns its stdout.
+pub fn ip(args: &[&str]) -> String {
+    let out = run(Command::new("/usr/sbin/ip").args(args));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs `f` on a thread inside netns `ns` (sockets it creates stay in that namespace).
@@ -73,6 +99,17 @@ pub fn command_in(ns: &str, program: &str) -> Command {
         });
     }
     c
+}
+
+/// A process sleeping in netns `ns` (a container's process).
+fn sleep_in(ns: &str) -> Child {
+    command_in(ns, "/bin/sleep")
+        .arg("600")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sleep")
 }
 
 /// A container stand-in: a netns with a sleeping process whose pid the hook gets.
@@ -186,13 +223,7 @@ impl Rig {
         let i = self.containers.len();
         let ns = format!("{}c{i}", self.prefix);
         ip(&["netns", "add", &ns]);
-        let child = command_in(&ns, "/bin/sleep")
-            .arg("600")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sleep");
+        let child = sleep_in(&ns);
         self.containers.push(Container {
             id: format!("{}-ctr{i}", self.prefix),
             ns,
@@ -205,13 +236,7 @@ impl Rig {
     /// A host-mode container: a process in the rig's host namespace.
     pub fn host_container(&mut self) -> usize {
         let i = self.containers.len();
-        let child = command_in(&self.host, "/bin/sleep")
-            .arg("600")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn sleep");
+        let child = sleep_in(&self.host);
         self.containers.push(Container {
             id: format!("{}-ctr{i}", self.prefix),
             ns: self.host.clone(),
@@ -468,4 +493,36 @@ pub fn must_fail_with(o: &Output, needles: &[&str]) {
 
 pub fn path_exists(p: &Path) -> bool {
     p.exists()
+}
+
+/// Mount points at or under `dir` (in this process's mount namespace, which the shim shares).
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    mounts_under_in(Path::new("/proc/self/mountinfo"), dir)
+}
+
+/// Mount points at or under `dir` listed in `mountinfo` (`/proc/<pid>/mountinfo`: that process's
+/// mount namespace).
+pub fn mounts_under_in(mountinfo: &Path, dir: &Path) -> Vec<String> {
+    let d = dir.to_string_lossy().to_string();
+    fs::read_to_string(mountinfo)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| *m == d || m.starts_with(&format!("{d}/")))
+        .map(String::from)
+        .collect()
+}
+
+/// Detaches every mount at or under `dir`, deepest first (netns pins netshim still holds, a
+/// runtime's leftovers), so the directory can be removed.
+pub fn unmount_under(dir: &Path) {
+    let mut points = mounts_under(dir);
+    points.reverse();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p) {
+            // SAFETY: a valid NUL-terminated path; MNT_DETACH only detaches this mount.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
