@@ -543,3 +543,42 @@ fn port_ranges_and_host_ip_bindings_carry_traffic() {
     .to_string();
     assert!(!left.contains("19000"), "{left}");
 }
+
+#[test]
+fn ingress_rules_filter_new_connections_to_a_bridge_container() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    let st = rig.oci_state(
+        a,
+        &[
+            ("netshim.network-mode", "bridge"),
+            (
+                "netshim.port-mappings",
+                r#"[{"containerPort":80},{"containerPort":81}]"#,
+            ),
+            (
+                "netshim.ingress",
+                r#"[{"protocol":"tcp","port":80,"cidr":"192.168.77.2/32"}]"#,
+            ),
+        ],
+    );
+    must_succeed(&rig.shim(&["hook", "createRuntime"], &st), "setup");
+    tcp_server(&rig.containers[a].ns, 80, "admitted");
+    tcp_server(&rig.containers[a].ns, 81, "never");
+    let (p80, p81) = (rig.host_port(a, 80, "tcp"), rig.host_port(a, 81, "tcp"));
+    // The client machine on the listed port: admitted (DNAT keeps its source address).
+    assert_eq!(
+        tcp_get(&rig.client, HOST_IP, p80, PATIENT).unwrap(),
+        "admitted"
+    );
+    // The same client on an unlisted port, and the host (source: the gateway) on the listed one.
+    assert!(tcp_get(&rig.client, HOST_IP, p81, SHORT).is_err());
+    assert!(tcp_get(&rig.host, GATEWAY, p80, SHORT).is_err());
+    // Replies to the container's own outbound connections still get in.
+    tcp_server(&rig.client, 9999, "outbound ok");
+    assert_eq!(
+        tcp_get(&rig.containers[a].ns, CLIENT_IP, 9999, PATIENT).unwrap(),
+        "outbound ok"
+    );
+}

@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::address::{
     AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
@@ -28,6 +28,9 @@ use netlink_packet_route::route::{
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// Interface alias attribute (linux/if_link.h).
+const IFLA_IFALIAS: u16 = 20;
 
 use super::netns;
 
@@ -234,6 +237,21 @@ impl Netlink {
         }
         if let Some(mtu) = mtu {
             m.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        self.request(RouteNetlinkMessage::SetLink(m), 0)?;
+        Ok(())
+    }
+
+    /// Sets (or, with "", clears) the interface alias of link `index`.
+    pub fn set_alias(&mut self, index: u32, alias: &str) -> NlResult<()> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        if alias.is_empty() {
+            // A zero-length IFLA_IFALIAS clears the alias ("" would be sent as one NUL byte).
+            m.attributes
+                .push(LinkAttribute::Other(DefaultNla::new(IFLA_IFALIAS, vec![])));
+        } else {
+            m.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
         }
         self.request(RouteNetlinkMessage::SetLink(m), 0)?;
         Ok(())

@@ -38,6 +38,8 @@ pub const RULE_PRIORITY: u32 = 2000;
 pub const TABLE_BASE: u32 = 10000;
 /// The link-local gateway shared-ENI tasks route through.
 pub const LINK_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Link alias of an ENI given to a task: this prefix and its name on the host.
+pub const ALIAS_PREFIX: &str = "netshim:";
 /// MAC of every shared-ENI host veth end (each is its own point-to-point link).
 pub const HOST_VETH_MAC: [u8; 6] = [0xee, 0xee, 0xee, 0xee, 0xee, 0xee];
 
@@ -236,6 +238,9 @@ fn exclusive(
         gateway: None,
     };
     let r = (|| -> anyhow::Result<()> {
+        // The original name travels with the interface too, for whoever finds it later.
+        nl.set_alias(index, &format!("{ALIAS_PREFIX}{name}"))
+            .context("record the original name in the link alias")?;
         nl.move_to_netns(index, ns.as_fd(), "eth0")
             .with_context(|| format!("move {name} into the task's netns as eth0"))?;
         let mut t = Netlink::open_in(ns.as_fd())?;
@@ -331,6 +336,7 @@ fn give_back(rec: &EniRecord) -> Vec<String> {
                 (name != rec.name).then_some(rec.name.as_str()),
                 None,
             )?;
+            nl.set_alias(idx, "")?;
         }
         Ok(())
     })();
