@@ -257,29 +257,6 @@ impl Netlink {
         Ok(())
     }
 
-    /// Creates a veth pair: `host` (up, fixed MAC) here, `peer` (down) inside `peer_ns`.
-    pub fn add_plain_veth(
-        &mut self,
-        host: &str,
-        host_mac: [u8; 6],
-        peer: &str,
-        peer_ns: BorrowedFd<'_>,
-    ) -> NlResult<()> {
-        let mut p = LinkMessage::default();
-        p.attributes.push(LinkAttribute::IfName(peer.to_string()));
-        p.attributes
-            .push(LinkAttribute::NetNsFd(peer_ns.as_raw_fd()));
-        let mut m = LinkMessage::default();
-        m.attributes.push(LinkAttribute::IfName(host.to_string()));
-        m.attributes.push(LinkAttribute::Address(host_mac.to_vec()));
-        m.attributes.push(LinkAttribute::LinkInfo(vec![
-            LinkInfo::Kind(InfoKind::Veth),
-            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
-        ]));
-        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)?;
-        Ok(())
-    }
-
     /// Adds an IPv6 address (no duplicate address detection: the address is usable at once).
     pub fn add_addr6(&mut self, index: u32, ip: Ipv6Addr, prefix: u8) -> NlResult<()> {
         let mut m = AddressMessage::default();
@@ -439,28 +416,29 @@ impl Netlink {
         Ok(())
     }
 
-    /// Creates a veth pair in one message: `host` (down, enslaved to `master`) in this namespace,
-    /// `peer` (down) created directly inside the namespace `peer_ns`.
+    /// Creates a veth pair in one message: `host` (down; on bridge `master` and with MAC `mac`
+    /// when given) in this namespace, `peer` (down) created directly inside the namespace
+    /// `peer_ns`. The peer cannot be brought up here: the kernel opens it before the pair is
+    /// linked (ENOTCONN); the caller brings it up inside its namespace.
     pub fn add_veth(
         &mut self,
         host: &str,
-        master: u32,
+        master: Option<u32>,
+        mac: Option<[u8; 6]>,
         peer: &str,
         peer_ns: BorrowedFd<'_>,
-        mtu: Option<u32>,
     ) -> NlResult<()> {
-        // The peer cannot be brought up here: the kernel opens it before the pair is linked
-        // (ENOTCONN). The caller brings it up inside its namespace.
         let mut p = LinkMessage::default();
         p.attributes.push(LinkAttribute::IfName(peer.to_string()));
         p.attributes
             .push(LinkAttribute::NetNsFd(peer_ns.as_raw_fd()));
         let mut m = LinkMessage::default();
         m.attributes.push(LinkAttribute::IfName(host.to_string()));
-        m.attributes.push(LinkAttribute::Controller(master));
-        if let Some(mtu) = mtu {
-            m.attributes.push(LinkAttribute::Mtu(mtu));
-            p.attributes.push(LinkAttribute::Mtu(mtu));
+        if let Some(master) = master {
+            m.attributes.push(LinkAttribute::Controller(master));
+        }
+        if let Some(mac) = mac {
+            m.attributes.push(LinkAttribute::Address(mac.to_vec()));
         }
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),

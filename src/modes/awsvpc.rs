@@ -424,7 +424,7 @@ fn shared(
                 _ => {}
             }
         }
-        nl.add_plain_veth(&veth, HOST_VETH_MAC, "eth0", ns.as_fd())
+        nl.add_veth(&veth, None, Some(HOST_VETH_MAC), "eth0", ns.as_fd())
             .with_context(|| format!("create veth {veth}"))?;
         let vidx = nl
             .index_of(&veth)?

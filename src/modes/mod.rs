@@ -123,7 +123,7 @@ impl Kernel for HostKernel {
     ) -> Result<(), NlError> {
         use std::os::fd::AsFd;
         let nl = self.nl()?;
-        nl.add_veth(host, master, peer, netns.as_fd(), None)?;
+        nl.add_veth(host, Some(master), None, peer, netns.as_fd())?;
         if let Err(e) = nl.ready_bridge_port(host) {
             let _ = nl.del_link(host);
             return Err(e);
