@@ -88,7 +88,17 @@ enum PortsCmd {
 
 fn main() -> ExitCode {
     trace::init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // A runtime writes the OCI state to a hook's stdin: drain it, so a misregistered hook
+            // reports its usage error instead of killing the runtime with SIGPIPE.
+            if std::env::args().any(|a| a == "hook") {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            }
+            e.exit()
+        }
+    };
     let g = Globals {
         state_dir: cli.state_dir,
         config: cli.config,
