@@ -1122,14 +1122,7 @@ class Compare:
         try:
             # Every namespace of ours is still pinned here (sleepers alive, names mounted), so
             # its inode cannot have been reused: kill whatever is inside one of them.
-            names = [n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else [])
-                     if n.startswith(self.prefix + "-")]
-            inodes = set()
-            for n in names:
-                try:
-                    inodes.add(os.stat(f"/run/netns/{n}").st_ino)
-                except OSError:
-                    pass
+            names, inodes = hb.named_netns(self.prefix)
             for p in self.procs:
                 if p.poll() is None:
                     try:
@@ -1137,21 +1130,8 @@ class Compare:
                     except OSError:
                         pass
             inodes.discard(self.root_ino)
-            for d in os.listdir("/proc"):
-                if d.isdigit() and int(d) != self.pid:
-                    try:
-                        if os.stat(f"/proc/{d}/ns/net").st_ino in inodes:
-                            os.kill(int(d), signal.SIGKILL)
-                    except OSError:
-                        pass
-            for p in self.procs:
-                if p.poll() is None:
-                    p.kill()
-            for p in self.procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
+            hb.kill_inside(inodes)
+            hb.stop_procs(self.procs)
             if self.root_fd is not None:
                 try:
                     setns(self.root_fd)
@@ -1163,14 +1143,7 @@ class Compare:
                     s.host_fd = None
             hosts = {s.host_ns for s in self.stacks}
             names.sort(key=lambda n: n in hosts)  # containers and clients first, hosts last
-            for _ in range(3):
-                for n in names:
-                    if os.path.exists(f"/run/netns/{n}"):
-                        subprocess.run(["ip", "netns", "del", n], stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL, timeout=60)
-                if not any(os.path.exists(f"/run/netns/{n}") for n in names):
-                    break
-                time.sleep(0.3)
+            hb.delete_netns(names)
             self.live_inodes = inodes
             if self.tmp and os.path.isdir(self.tmp):
                 shutil.rmtree(self.tmp, ignore_errors=True)

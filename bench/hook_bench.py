@@ -158,6 +158,58 @@ def run(argv, inp=None, check=True, env=None):
     return r
 
 
+
+# -- cleanup helpers (also used by compare.py)
+def named_netns(prefix):
+    """Our named namespaces (`prefix-*`) and their inodes. While a name is mounted its inode
+    cannot be reused, so the inodes identify our namespaces and nobody else's."""
+    names = [n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else [])
+             if n.startswith(prefix + "-")]
+    inodes = set()
+    for n in names:
+        try:
+            inodes.add(os.stat(f"/run/netns/{n}").st_ino)
+        except OSError:
+            pass
+    return names, inodes
+
+
+def kill_inside(inodes):
+    """SIGKILL every process (but this one) whose netns is one of `inodes`."""
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != me:
+            try:
+                if os.stat(f"/proc/{d}/ns/net").st_ino in inodes:
+                    os.kill(int(d), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def stop_procs(procs):
+    """Kill and reap child processes."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def delete_netns(names):
+    """`ip netns del` each name (in the given order), retrying briefly while some remain."""
+    for _ in range(3):
+        for n in names:
+            if os.path.exists(f"/run/netns/{n}"):
+                subprocess.run(["ip", "netns", "del", n], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=60)
+        if not any(os.path.exists(f"/run/netns/{n}") for n in names):
+            break
+        time.sleep(0.3)
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -622,48 +674,19 @@ class Bench:
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, signal.SIG_IGN)
         try:
-            for p in self.sleepers:
-                if p.poll() is None:
-                    p.kill()
-            for p in self.sleepers:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
+            stop_procs(self.sleepers)
             if self.root_fd is not None:
                 try:
                     setns(self.root_fd)
                 except OSError as e:
                     log(f"cleanup: cannot return to the original netns: {e}")
-            names = [n for n in (os.listdir("/run/netns") if os.path.isdir("/run/netns") else [])
-                     if n.startswith(self.prefix + "-")]
             # Any process still inside one of the bench's namespaces goes first (a sleeper
-            # that outlived its Popen handle keeps a netns alive). Only namespaces that still
-            # carry one of our names count: the inode number of a netns deleted earlier can
-            # have been reused by someone else's namespace since.
-            self.live_inodes = set()
-            for n in names:
-                try:
-                    self.live_inodes.add(os.stat(f"/run/netns/{n}").st_ino)
-                except OSError:
-                    pass
-            for d in os.listdir("/proc"):
-                if d.isdigit() and int(d) != os.getpid():
-                    try:
-                        if os.stat(f"/proc/{d}/ns/net").st_ino in self.live_inodes:
-                            os.kill(int(d), signal.SIGKILL)
-                    except OSError:
-                        pass
+            # that outlived its Popen handle keeps a netns alive).
+            names, self.live_inodes = named_netns(self.prefix)
+            kill_inside(self.live_inodes)
             # Containers first, the host netns (bridges, tables, veths) last.
             names.sort(key=lambda n: n == self.host_ns)
-            for attempt in range(3):
-                for n in names:
-                    if os.path.exists(f"/run/netns/{n}"):
-                        subprocess.run(["ip", "netns", "del", n], stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL, timeout=60)
-                if not any(os.path.exists(f"/run/netns/{n}") for n in names):
-                    break
-                time.sleep(0.3)
+            delete_netns(names)
             if self.tmp and os.path.isdir(self.tmp):
                 shutil.rmtree(self.tmp, ignore_errors=True)
         finally:
