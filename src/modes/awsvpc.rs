@@ -352,10 +352,7 @@ fn give_back(rec: &EniRecord) -> Vec<String> {
 }
 
 fn shared_veth_name(id: &str) -> String {
-    let h = id.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    format!("nsa{h:08x}")
+    format!("nsa{:08x}", crate::modes::bridge::fnv(id))
 }
 
 /// Tasks on the shared ENI `mac`, other than `except`.

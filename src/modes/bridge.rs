@@ -32,7 +32,8 @@ pub fn dynamic_range(cfg: &Config) -> PortRange {
         })
 }
 
-fn fnv(s: &str) -> u32 {
+/// FNV-1a: short, stable names (veths) and MACs derived from ids and names.
+pub fn fnv(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     })
