@@ -652,3 +652,63 @@ fn dummy_and_ipvlan_links_carry_traffic() {
         "through ipvlan"
     );
 }
+
+/// Loaded kernel modules (the first column of /proc/modules).
+fn loaded_modules() -> Vec<String> {
+    fs::read_to_string("/proc/modules")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').next())
+        .map(String::from)
+        .collect()
+}
+
+/// What a bridge-mode setup with a port mapping needs from a modular kernel (Debian's builds
+/// all of it as modules; this machine's kernel has it built in).
+const BRIDGE_MODULES: [&str; 8] = [
+    "bridge",
+    "veth",
+    "nf_tables",
+    "nft_chain_nat",
+    "nf_nat",
+    "nf_conntrack",
+    "nft_fib_ipv4",
+    "nft_ct",
+];
+
+#[test]
+#[ignore = "needs a fresh modular kernel: runs in the VM lab"]
+fn first_setup_after_boot_loads_the_modules_it_needs_on_demand() {
+    root_only!();
+    let before = loaded_modules();
+    for m in ["bridge", "nf_tables"] {
+        assert!(
+            !before.iter().any(|b| b == m),
+            "{m} is loaded already: this test must run first in a freshly booted guest"
+        );
+    }
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    let started = Instant::now();
+    must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "first setup");
+    eprintln!(
+        "first bridge setup on a fresh kernel: {:.1}s (modules loaded on demand)",
+        started.elapsed().as_secs_f64()
+    );
+    tcp_server(&rig.containers[a].ns, 80, "first");
+    let port = rig.host_port(a, 80, "tcp");
+    assert_eq!(
+        tcp_get(&rig.client, HOST_IP, port, PATIENT).unwrap(),
+        "first"
+    );
+    let after = loaded_modules();
+    let missing: Vec<&str> = BRIDGE_MODULES
+        .iter()
+        .copied()
+        .filter(|m| !after.iter().any(|a| a == m))
+        .collect();
+    assert!(missing.is_empty(), "not loaded after a setup: {missing:?}");
+    let loaded: Vec<&String> = after.iter().filter(|m| !before.contains(m)).collect();
+    eprintln!("loaded since the test began (parallel tests in the guest included): {loaded:?}");
+    must_succeed(&rig.poststop(a), "poststop");
+}
