@@ -115,7 +115,13 @@ fi
 
 # ---- the run: a directory the guest reads through the share (the command) and nothing else.
 mkdir -p "$cache/runs"
+# Run directories of labs that were killed outright (SIGKILL) before they could clean up.
+for d in "$cache"/runs/*/; do
+  [ -f "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null && continue
+  [ -n "$(find "$d" -maxdepth 0 -mmin +1 2>/dev/null)" ] && rm -rf "$d"
+done
 run=$(mktemp -d "$cache/runs/XXXXXX")
+echo $$ >"$run/pid"
 case "$run$here" in *[[:space:]]*) rm -rf "$run"; die "paths with spaces are not supported: $run" ;; esac
 nonce=${VMLAB_NONCE:-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')}
 [[ "$nonce" =~ ^[0-9a-zA-Z]+$ ]] || die "VMLAB_NONCE must be letters and digits"
