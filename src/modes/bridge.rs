@@ -14,6 +14,7 @@ use anyhow::{Context, anyhow};
 use crate::alloc::{self, PortPolicy, PortProbe};
 use crate::config::{Config, FALLBACK_DYNAMIC_RANGE};
 use crate::firewall::{self, Layout};
+use crate::kernel::conntrack::{HostPort, Stale};
 use crate::kernel::sysctl;
 use crate::modes::Kernel;
 use crate::request::{NetworkRequest, PortRange, Protocol};
@@ -218,13 +219,25 @@ fn apply_steps(
         trace::mark("nft");
         let del = firewall::delete_elements(&plan.ports, &|p| still_mapped(state, "", p));
         undo.push(Undo::Nft(del.concat()));
-        for p in plan.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
-            k.flush_udp(p.host_port).with_context(|| {
-                format!("flush UDP conntrack entries for host port {}", p.host_port)
-            })?;
+        let udp = udp_host_ports(&plan.ports);
+        if !udp.is_empty() {
+            k.flush_udp(Stale::HostPorts(&udp))
+                .context("flush stale UDP conntrack entries for the host ports")?;
         }
     }
     Ok(())
+}
+
+/// The UDP host ports among `ports`, for one conntrack flush.
+fn udp_host_ports(ports: &[PortRecord]) -> Vec<HostPort> {
+    ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Udp)
+        .map(|p| HostPort {
+            addr: p.host_ip,
+            port: p.host_port,
+        })
+        .collect()
 }
 
 /// Whether another container (not `except`) still maps `p`'s protocol and host port.
@@ -253,10 +266,13 @@ pub fn teardown(k: &mut dyn Kernel, state: &State, rec: &ContainerRecord) -> Vec
                 }
             }
         }
-        for p in rec.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
-            if let Err(e) = k.flush_udp(p.host_port) {
-                errors.push(format!("flush UDP conntrack for port {}: {e}", p.host_port));
-            }
+        // Everything DNATed to this container goes, all ports in one request.
+        let udp = udp_host_ports(&rec.ports);
+        let stale = rec.ip.map_or(Stale::HostPorts(&udp), Stale::RepliesFrom);
+        if !udp.is_empty()
+            && let Err(e) = k.flush_udp(stale)
+        {
+            errors.push(format!("flush UDP conntrack entries: {e}"));
         }
     }
     if let Some(v) = &rec.veth
@@ -285,6 +301,8 @@ mod tests {
         calls: Vec<String>,
         fail_at: Option<&'static str>,
         table: bool,
+        /// Each conntrack flush asked for.
+        flushes: Vec<String>,
     }
 
     impl Fake {
@@ -369,7 +387,8 @@ mod tests {
             }
             Ok(())
         }
-        fn flush_udp(&mut self, _: u16) -> io::Result<()> {
+        fn flush_udp(&mut self, stale: Stale<'_>) -> io::Result<()> {
+            self.flushes.push(format!("{stale:?}"));
             self.step("flush_udp")
                 .map_err(|_| io::Error::other("conntrack"))
         }
@@ -422,6 +441,45 @@ mod tests {
         assert!(k.elements.is_empty(), "{:?}", k.elements);
         // Idempotent: a second teardown finds nothing and reports nothing.
         assert!(teardown(&mut k, &st, &rec).is_empty());
+    }
+
+    #[test]
+    fn one_conntrack_flush_per_setup_and_per_teardown_whatever_the_udp_ports() {
+        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::default());
+        let req = request(
+            r#"[{"containerPort":80},{"containerPortRange":"5000-5009","protocol":"udp"},{"containerPort":53,"hostPort":15353,"protocol":"udp"}]"#,
+        );
+        let p = plan(&cfg, &mut st, "a", &req, &NoProbe).unwrap();
+        apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
+        assert_eq!(k.flushes.len(), 1, "{:?}", k.flushes);
+        let udp: Vec<u16> = p
+            .ports
+            .iter()
+            .filter(|x| x.protocol == Protocol::Udp)
+            .map(|x| x.host_port)
+            .collect();
+        assert_eq!(udp.len(), 11);
+        for port in &udp {
+            assert!(k.flushes[0].contains(&format!("port: {port} ")), "{port}");
+        }
+        assert!(!k.flushes[0].contains(&format!("port: {} ", p.ports[0].host_port)));
+        let rec = record("a", &p);
+        st.containers.insert("a".into(), rec.clone());
+        assert!(teardown(&mut k, &st, &rec).is_empty());
+        assert_eq!(k.flushes.len(), 2);
+        assert_eq!(k.flushes[1], format!("{:?}", Stale::RepliesFrom(p.ip)));
+        // TCP only: no flush at all.
+        let p2 = plan(
+            &cfg,
+            &mut st,
+            "b",
+            &request(r#"[{"containerPort":80}]"#),
+            &NoProbe,
+        )
+        .unwrap();
+        apply(&mut k, &cfg, &st, &p2, &netns()).unwrap();
+        assert!(teardown(&mut k, &st, &record("b", &p2)).is_empty());
+        assert_eq!(k.flushes.len(), 2);
     }
 
     #[test]

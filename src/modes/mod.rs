@@ -50,8 +50,8 @@ pub trait Kernel {
     fn del_link(&mut self, name: &str) -> Result<bool, NlError>;
     /// One nftables transaction.
     fn nft(&mut self, script: &str) -> Result<(), NftError>;
-    /// Drops UDP conntrack entries for a host port.
-    fn flush_udp(&mut self, port: u16) -> io::Result<()>;
+    /// Drops stale UDP conntrack entries (all of a setup's ports, or a container's) at once.
+    fn flush_udp(&mut self, stale: conntrack::Stale<'_>) -> io::Result<()>;
 }
 
 /// The real kernel, in the current (host) network namespace.
@@ -171,7 +171,7 @@ impl Kernel for HostKernel {
         }
     }
 
-    fn flush_udp(&mut self, port: u16) -> io::Result<()> {
-        conntrack::flush_udp_dport(port)
+    fn flush_udp(&mut self, stale: conntrack::Stale<'_>) -> io::Result<()> {
+        conntrack::flush_udp(stale).map(|_| ())
     }
 }
