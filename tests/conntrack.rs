@@ -85,9 +85,28 @@ fn udp_flushes_remove_exactly_the_stale_entries_among_20000_unrelated_ones() {
         "remote",
         "egress from b"
     );
+    // b through the host port (hairpin), and the host itself through 127.0.0.1: both
+    // source-NATed, both answered by a.
+    let hairpin = udp_client(&rig.containers[b].ns, 7778);
+    assert_eq!(udp_ask(&hairpin, HOST_IP, 15353).unwrap(), "old", "hairpin");
+    let local = udp_client(&rig.host, 7779);
+    assert_eq!(
+        udp_ask(&local, "127.0.0.1".parse().unwrap(), 15353).unwrap(),
+        "old",
+        "via 127.0.0.1"
+    );
     knock(&rig, UNRELATED);
-    let egress_b = ["-p", "udp", "--orig-src", &ip_b, "--orig-port-dst", "15353"];
-    assert_eq!(entries(&rig, &["-p", "udp", "--reply-src", &ip_a]), 1);
+    let egress_b = [
+        "-p",
+        "udp",
+        "--orig-src",
+        &ip_b,
+        "--orig-dst",
+        "192.168.77.2",
+        "--orig-port-dst",
+        "15353",
+    ];
+    assert_eq!(entries(&rig, &["-p", "udp", "--reply-src", &ip_a]), 3);
     assert_eq!(entries(&rig, &egress_b), 1);
     assert_eq!(entries(&rig, &TO_HOST), UNRELATED.len());
 

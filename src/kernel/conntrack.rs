@@ -4,11 +4,12 @@
 //! number of ports.
 //!
 //! - Setup ([`Stale::HostPorts`]): entries whose original destination is one of the new host
-//!   ports, addressed to the host itself (a client that tried before the mapping existed) or
-//!   NATed to an earlier container; the containers' own masqueraded traffic to some remote's
-//!   port of the same number stays.
+//!   ports and that are not source-NATed: to the host itself (a client that tried before the
+//!   mapping existed) or DNATed from outside to an earlier container. The containers' own
+//!   masqueraded traffic to some remote's port of the same number stays.
 //! - Teardown ([`Stale::RepliesFrom`]): entries whose replies come from the container's address,
-//!   i.e. everything DNATed to it, all ports at once.
+//!   i.e. everything DNATed to it (hairpin and host-via-127.0.0.1 included), all ports at once.
+//!   So a source-NATed entry to a host port is always its container's teardown's business.
 //!
 //! Where the kernel can delete by filter (a delete carrying `CTA_FILTER`, Linux 6.12) that is one
 //! message and nothing is copied out. Otherwise one dump, filtered in the kernel where it can
@@ -57,7 +58,6 @@ const F_PROTO_NUM: u32 = 1 << 3;
 const F_PROTO_DST_PORT: u32 = 1 << 5;
 // enum ip_conntrack_status
 const IPS_SRC_NAT: u32 = 1 << 4;
-const IPS_DST_NAT: u32 = 1 << 5;
 const IPPROTO_UDP: u8 = 17;
 const AF_INET: u8 = 2;
 /// Deletes sent before their acks are read: bounded so the acks always fit the socket buffer.
@@ -75,8 +75,8 @@ pub struct HostPort {
 /// Which stale UDP entries one flush removes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stale<'a> {
-    /// Setup: entries addressed to these host ports (to the host itself, or NATed to an earlier
-    /// container); masqueraded egress that merely shares the port number stays.
+    /// Setup: entries addressed to these host ports and not source-NATed (to the host itself,
+    /// or DNATed to an earlier container); masqueraded egress sharing the number stays.
     HostPorts(&'a [HostPort]),
     /// Teardown: entries whose replies come from this container address (DNATed to it).
     RepliesFrom(Ipv4Addr),
@@ -150,9 +150,8 @@ pub(crate) fn flush_with(stale: Stale<'_>, allow: Allow) -> io::Result<Method> {
     Ok(Method::Dump { filtered, deleted })
 }
 
-/// The delete-by-filter requests for `stale`, if it can be said that way: teardown always
-/// (one message); setup for a single host port (DNATed entries, and entries without any NAT,
-/// in one send). Several ports would need one kernel walk each, so they go to the dump.
+/// The delete-by-filter request for `stale`, if one can say it: teardown always, setup for a
+/// single host port. Several ports would need one kernel walk each, so they go to the dump.
 fn filtered_deletes(stale: Stale<'_>) -> Option<Vec<Vec<u8>>> {
     match stale {
         Stale::RepliesFrom(ip) => {
@@ -167,20 +166,11 @@ fn filtered_deletes(stale: Stale<'_>) -> Option<Vec<Vec<u8>>> {
             Some(vec![message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, &a)])
         }
         Stale::HostPorts([hp]) => {
-            let mut base = Vec::new();
-            let flags = orig_port_tuple(&mut base, hp.addr, Some(hp.port));
-            filter(&mut base, flags, 0);
-            // (status & mask) == value: DNATed, or not NATed at all.
-            let reqs = [(IPS_DST_NAT, IPS_DST_NAT), (0, IPS_SRC_NAT | IPS_DST_NAT)]
-                .iter()
-                .map(|&(value, mask)| {
-                    let mut a = base.clone();
-                    put(&mut a, CTA_STATUS, &value.to_be_bytes());
-                    put(&mut a, CTA_STATUS_MASK, &mask.to_be_bytes());
-                    message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, &a)
-                })
-                .collect();
-            Some(reqs)
+            let mut a = Vec::new();
+            let flags = orig_port_tuple(&mut a, hp.addr, Some(hp.port));
+            filter(&mut a, flags, 0);
+            not_source_nated(&mut a);
+            Some(vec![message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, &a)])
         }
         Stale::HostPorts(_) => None,
     }
@@ -206,9 +196,18 @@ fn dump_filter(stale: Stale<'_>) -> Vec<u8> {
             let port = port.filter(|&p| ports.iter().all(|q| q.port == p));
             let flags = orig_port_tuple(&mut a, addr, port);
             filter(&mut a, flags, 0);
+            // Keeps the containers' masqueraded egress (most UDP entries of a busy host: DNS)
+            // in the kernel (5.15; ignored before).
+            not_source_nated(&mut a);
         }
     }
     a
+}
+
+/// Status filter: (status & IPS_SRC_NAT) == 0.
+fn not_source_nated(a: &mut Vec<u8>) {
+    put(a, CTA_STATUS, &0u32.to_be_bytes());
+    put(a, CTA_STATUS_MASK, &IPS_SRC_NAT.to_be_bytes());
 }
 
 /// `CTA_TUPLE_ORIG` with UDP and, when given, the destination address and port; returns the
@@ -387,9 +386,9 @@ impl Matcher {
         if let Some(ip) = self.replies_from {
             return e.reply_src == Some(ip);
         }
-        // DNATed (to an earlier container), or not NATed at all (to the host itself); a
-        // masqueraded container flow to a remote port of the same number is not ours.
-        if e.status & IPS_DST_NAT == 0 && e.status & IPS_SRC_NAT != 0 {
+        // Masqueraded egress to a remote's port of the same number is not ours; hairpin and
+        // host-via-127.0.0.1 entries are source-NATed too, and go with their container.
+        if e.status & IPS_SRC_NAT != 0 {
             return false;
         }
         let Some(port) = e.dport else {

@@ -266,6 +266,7 @@ pub fn teardown(k: &mut dyn Kernel, state: &State, rec: &ContainerRecord) -> Vec
                 }
             }
         }
+        trace::mark("nft");
         // Everything DNATed to this container goes, all ports in one request.
         let udp = udp_host_ports(&rec.ports);
         let stale = rec.ip.map_or(Stale::HostPorts(&udp), Stale::RepliesFrom);
