@@ -4,8 +4,9 @@
     cargo build --release
     sudo python3 bench/conntrack.py before=/tmp/shim-old after=target/release/shim
     sudo python3 bench/conntrack.py --runs 5 --range-runs 1 after=target/release/shim   # quick
+    sudo python3 bench/conntrack.py new=target/release/shim 6.1way=target/release/shim:dump
 
-Each binary gets its own "host" network namespace (nsct<pid>-<label>) holding --entries unrelated
+Each binary gets its own "host" network namespace (nsct<pid>h<n>) holding --entries unrelated
 UDP conntrack entries (inserted over ctnetlink, 10 min timeout: clients to host ports outside the
 dynamic range). Setup and teardown of a container with one UDP host port are timed against the
 same with one TCP host port (the difference is the conntrack work), then a 1,000-port UDP range
@@ -33,10 +34,11 @@ import time
 
 CLONE_NEWNET = 0x40000000
 LIBC = ctypes.CDLL(None, use_errno=True)
-PREFIX = f"nsct{os.getpid()}"
+PREFIX = f"nsct{os.getpid() % 100000}"
 NAMESPACES = []
 SLEEPERS = []
 TMP = []
+KEEP_NETNS = False
 
 
 def sh(*args):
@@ -95,8 +97,8 @@ def tup(kind, src, dst, sport, dport):
     return nest(kind, ip, l4)
 
 
-def fill(ns, n, host_ip):
-    """Inserts n UDP entries client -> host_ip:1024..19999 into netns ns."""
+def ctnetlink(ns):
+    """A ctnetlink socket inside netns ns."""
     fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     LIBC.setns(fd, CLONE_NEWNET)
@@ -107,32 +109,63 @@ def fill(ns, n, host_ip):
         os.close(fd)
         os.close(here)
     s.bind((0, 0))
-    batch, seq = [], 0
+    return s
+
+
+def request(s, kind, flags, attrs, seq):
+    body = struct.pack("BBH", 2, 0, 0) + attrs
+    return struct.pack("IHHII", 16 + len(body), (1 << 8) | kind, 1 | 4 | flags, seq, 0) + body
+
+
+def acked(s, msgs):
+    s.send(b"".join(msgs))
+    for _ in msgs:
+        b = s.recv(65536)
+        code = struct.unpack_from("i", b, 16)[0]
+        if code:
+            raise SystemExit(f"ctnetlink: errno {-code}")
+
+
+HOST_IP = "198.51.100.1"
+
+
+def fill(ns, n, kind):
+    """Inserts n UDP entries into netns ns: clients to host ports 1024-19999 ("host"), or
+    containers' DNS queries masqueraded to the host's address ("egress")."""
+    s = ctnetlink(ns)
+    batch = []
     for i in range(n):
-        client = f"192.0.2.{i % 250 + 1}"
-        sport, dport = 1024 + (i // 250) % 60000, 1024 + i % 18976
-        attrs = tup(1, client, host_ip, sport, dport) + tup(2, host_ip, client, dport, sport)
+        sport = 1024 + (i // 250) % 60000
+        if kind == "host":
+            client, dport = f"192.0.2.{i % 250 + 1}", 1024 + i % 18976
+            attrs = tup(1, client, HOST_IP, sport, dport) + tup(2, HOST_IP, client, dport, sport)
+        else:
+            ctr, dns = f"10.213.1.{i % 250 + 1}", f"203.0.113.{i % 7 + 1}"
+            attrs = tup(1, ctr, dns, sport, 53) + tup(2, dns, ctr, 53, sport)
+            attrs += nest(6, nla(1, socket.inet_aton(HOST_IP)), nla(2, socket.inet_aton(HOST_IP)))
         attrs += nla(7, struct.pack("!I", 600))
-        body = struct.pack("BBH", 2, 0, 0) + attrs
-        seq += 1
-        batch.append(struct.pack("IHHII", 16 + len(body), (1 << 8) | 0, 1 | 0x400 | 4, seq, 0) + body)
+        batch.append(request(s, 0, 0x400, attrs, i + 1))
         if len(batch) == 64 or i == n - 1:
-            s.send(b"".join(batch))
-            for _ in batch:
-                b = s.recv(65536)
-                code = struct.unpack_from("i", b, 16)[0]
-                if code:
-                    raise SystemExit(f"inserting a conntrack entry: errno {-code}")
+            acked(s, batch)
             batch = []
+    s.close()
+
+
+def drain(ns):
+    """Deletes every IPv4 entry of netns ns (a bench namespace)."""
+    s = ctnetlink(ns)
+    acked(s, [request(s, 2, 0, b"", 1)])
     s.close()
 
 
 # ---- one shim under test ----
 
 class Stack:
-    def __init__(self, label, binary, entries, tmp):
+    def __init__(self, index, label, binary, tmp, path=None):
+        self.index = index
         self.label = label
-        self.host = f"{PREFIX}-{label}"[:15]
+        self.path = path
+        self.host = f"{PREFIX}h{index}"
         netns_add(self.host)
         self.dir = os.path.join(tmp, label)
         os.makedirs(os.path.join(self.dir, "state"))
@@ -145,13 +178,12 @@ class Stack:
         self.n = 0
         warm = self.container()
         self.hook("createRuntime", warm, '[{"containerPort":80}]')
-        fill(self.host, entries, "198.51.100.1")
         self.times = {}
         self.traces = []
 
     def container(self):
         self.n += 1
-        ns = f"{PREFIX}{self.label[:2]}{self.n}"[:15]
+        ns = f"{PREFIX}s{self.index}c{self.n}"
         netns_add(ns)
         p = subprocess.Popen(["sleep", "100000"], preexec_fn=enter(ns))
         SLEEPERS.append(p)
@@ -167,6 +199,8 @@ class Stack:
         env = {"NETSHIM_STATE_DIR": os.path.join(self.dir, "state"),
                "NETSHIM_CONFIG": os.path.join(self.dir, "config.toml"),
                "NETSHIM_TRACE": "1", "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin")}
+        if self.path:
+            env["NETSHIM_CONNTRACK"] = self.path
         t = time.perf_counter()
         r = subprocess.run([self.bin, "hook", phase], input=json.dumps(state), env=env,
                            capture_output=True, text=True, preexec_fn=enter(self.host))
@@ -184,8 +218,9 @@ class Stack:
         setup = self.hook("createRuntime", c, mappings)
         c["proc"].kill()
         c["proc"].wait()
-        subprocess.run(["ip", "netns", "del", c["ns"]], capture_output=True)
-        NAMESPACES.remove(c["ns"])
+        if not KEEP_NETNS:
+            subprocess.run(["ip", "netns", "del", c["ns"]], capture_output=True)
+            NAMESPACES.remove(c["ns"])
         teardown = self.hook("poststop", c)
         self.times.setdefault(name, ([], []))
         self.times[name][0].append(setup)
@@ -198,14 +233,24 @@ def ms(xs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("shims", nargs="+", metavar="LABEL=PATH")
+    ap.add_argument("shims", nargs="+", metavar="LABEL=PATH[:WAY]",
+                    help="WAY dump or plain: NETSHIM_CONNTRACK for that binary (an older kernel's way)")
     ap.add_argument("--runs", type=int, default=20, help="1-port cycles per protocol (20)")
     ap.add_argument("--range-runs", type=int, default=3, help="1,000-port cycles per protocol (3)")
     ap.add_argument("--range-runs-first", type=int, default=None,
                     help="range cycles for the first binary only (e.g. 1 for a slow old build)")
     ap.add_argument("--entries", type=int, default=20000, help="unrelated UDP entries (20000)")
+    ap.add_argument("--kind", choices=("host", "egress"), default="host",
+                    help="unrelated entries: clients to other host ports, un-NATed (host, the worst "
+                         "case: a dump must copy them all out), or masqueraded DNS egress (egress)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="all binaries' entries at once, binaries alternating every run")
+    ap.add_argument("--keep-netns", action="store_true",
+                    help="delete a container's netns after its poststop, not before")
     ap.add_argument("--tmp-parent", default="/dev/shm")
     a = ap.parse_args()
+    global KEEP_NETNS
+    KEEP_NETNS = a.keep_netns
     if os.geteuid() != 0:
         raise SystemExit("needs root")
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -216,28 +261,45 @@ def main():
     stacks = []
     for spec in a.shims:
         label, _, path = spec.partition("=")
+        path, _, way = path.partition(":")
         if not path or not os.access(path, os.X_OK):
-            raise SystemExit(f"{spec}: give LABEL=PATH to an executable shim")
-        print(f"preparing {label} ({a.entries} entries)", file=sys.stderr)
-        stacks.append(Stack(label, path, a.entries, tmp))
+            raise SystemExit(f"{spec}: give LABEL=PATH[:WAY] to an executable shim")
+        stacks.append(Stack(len(stacks), label, path, tmp, way or None))
     one = {"udp 1 port": '[{"containerPort":53,"protocol":"udp"}]',
            "tcp 1 port": '[{"containerPort":80}]'}
     rng = {"udp 1,000 ports": '[{"containerPortRange":"3000-3999","protocol":"udp"}]',
            "tcp 1,000 ports": '[{"containerPortRange":"3000-3999"}]'}
-    for i in range(a.runs):
-        for s in (stacks if i % 2 == 0 else stacks[::-1]):
+    def ones(group, i):
+        for s in (group if i % 2 == 0 else group[::-1]):
             for name, m in (one.items() if i % 2 == 0 else list(one.items())[::-1]):
                 s.cycle(name, m)
-    for i in range(a.range_runs):
-        for k, s in enumerate(stacks):
-            if k == 0 and a.range_runs_first is not None and i >= a.range_runs_first:
+
+    def ranges(group, i):
+        for s in group:
+            if s is stacks[0] and a.range_runs_first is not None and i >= a.range_runs_first:
                 continue
             for name, m in rng.items():
                 print(f"{s.label}: {name} run {i + 1}", file=sys.stderr)
                 s.cycle(name, m)
+
+    # One binary at a time holds the unrelated entries, so the kernel's table has --entries
+    # entries, not one set per binary (a walk covers every namespace's entries); --interleave
+    # fills all at once and alternates binaries every run instead.
+    groups = [stacks] if a.interleave else [[s] for s in stacks]
+    for group in groups:
+        for s in group:
+            print(f"{s.label}: {a.entries} {a.kind} entries", file=sys.stderr)
+            fill(s.host, a.entries, a.kind)
+        for i in range(a.runs):
+            ones(group, i)
+        for i in range(a.range_runs):
+            ranges(group, i)
+        for s in group:
+            drain(s.host)
     head = "| median of runs, ms | " + " | ".join(s.label for s in stacks) + " |"
-    print(f"\n{a.entries} unrelated UDP conntrack entries per namespace "
-          f"({a.entries * len(stacks)} in the kernel's table); kernel {os.uname().release}\n")
+    total = a.entries * (len(stacks) if a.interleave else 1)
+    print(f"\n{a.entries} unrelated UDP conntrack entries ({a.kind}) per namespace, {total} in the "
+          f"kernel's table at a time; kernel {os.uname().release}\n")
     print(head)
     print("|---" * (len(stacks) + 1) + "|")
     rows = []

@@ -93,35 +93,60 @@ pub enum Method {
     Dump { filtered: bool, deleted: usize },
 }
 
-/// Which ways a flush may take; tests force the older kernels' paths.
+/// Which ways a flush may take; tests and benchmarks force the older kernels' paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Allow {
+enum Allow {
     /// Filtered delete, else filtered dump, else plain dump.
     All,
     /// As on 5.8–6.11: no filtered delete.
-    #[cfg_attr(not(test), allow(dead_code))]
     DumpOnly,
     /// As before 5.8: no kernel filter at all.
     PlainDump,
 }
 
-/// Removes the entries `stale` describes in the current network namespace.
-pub fn flush_udp(stale: Stale<'_>) -> io::Result<Method> {
-    let m = flush_with(stale, Allow::All)?;
-    trace::mark(match m {
-        Method::Nothing => "conntrack-none",
-        Method::KernelFilter => "conntrack-kernel-filter",
-        Method::Dump { filtered: true, .. } => "conntrack-filtered-dump",
-        Method::Dump { .. } => "conntrack-dump",
-    });
-    Ok(m)
+/// Flushes stale UDP entries in the network namespace it was first used in.
+///
+/// Keeps its socket until dropped: closing a netfilter socket right after an nftables
+/// transaction waits for that transaction's deferred cleanup (an RCU grace period, in
+/// nf_tables' netlink release notifier), so the socket goes with the hook's others at its end.
+#[derive(Default)]
+pub struct Conntrack {
+    sock: Option<Ctnetlink>,
 }
 
-pub(crate) fn flush_with(stale: Stale<'_>, allow: Allow) -> io::Result<Method> {
+impl Conntrack {
+    /// Removes the entries `stale` describes.
+    ///
+    /// `NETSHIM_CONNTRACK=dump` (or `plain`) takes an older kernel's way (filtered dump, or
+    /// dump without kernel filter) on a newer kernel, to measure what those kernels get.
+    pub fn flush(&mut self, stale: Stale<'_>) -> io::Result<Method> {
+        if let Stale::HostPorts([]) = stale {
+            return Ok(Method::Nothing);
+        }
+        let allow = match std::env::var_os("NETSHIM_CONNTRACK") {
+            Some(v) if v == "dump" => Allow::DumpOnly,
+            Some(v) if v == "plain" => Allow::PlainDump,
+            _ => Allow::All,
+        };
+        let ct = match &mut self.sock {
+            Some(ct) => ct,
+            none => none.insert(Ctnetlink::open()?),
+        };
+        let m = flush_with(ct, stale, allow)?;
+        trace::mark(match m {
+            Method::Nothing => "conntrack-none",
+            Method::KernelFilter => "conntrack-kernel-filter",
+            Method::Dump { filtered: true, .. } => "conntrack-filtered-dump",
+            Method::Dump { .. } => "conntrack-dump",
+        });
+        Ok(m)
+    }
+}
+
+fn flush_with(ct: &mut Ctnetlink, stale: Stale<'_>, allow: Allow) -> io::Result<Method> {
     if let Stale::HostPorts([]) = stale {
         return Ok(Method::Nothing);
     }
-    let mut ct = Ctnetlink::open()?;
     // An older kernel reads these as deletes by an incomplete tuple and refuses them (EINVAL),
     // so nothing is deleted and the dump below does the work.
     if allow == Allow::All

@@ -58,6 +58,7 @@ pub trait Kernel {
 pub struct HostKernel {
     nl: Option<Netlink>,
     nft: Option<Nft>,
+    ct: conntrack::Conntrack,
 }
 
 impl HostKernel {
@@ -65,6 +66,7 @@ impl HostKernel {
         HostKernel {
             nl: None,
             nft: None,
+            ct: conntrack::Conntrack::default(),
         }
     }
 
@@ -172,6 +174,6 @@ impl Kernel for HostKernel {
     }
 
     fn flush_udp(&mut self, stale: conntrack::Stale<'_>) -> io::Result<()> {
-        conntrack::flush_udp(stale).map(|_| ())
+        self.ct.flush(stale).map(|_| ())
     }
 }

@@ -528,7 +528,7 @@ fn run(stale_specs: Vec<Spec>, keep: Vec<Spec>, what: Stale<'static>, allow: All
         create(&mut ct, &keep);
         let before = count();
         assert_eq!(before, unrelated.len() + stale_specs.len() + keep.len());
-        let m = flush_with(what, allow).unwrap();
+        let m = flush_with(&mut ct, what, allow).unwrap();
         for s in &stale_specs {
             assert!(!exists(&mut ct, s), "{allow:?}: stale entry left: {s:?}");
         }
@@ -545,7 +545,7 @@ fn run(stale_specs: Vec<Spec>, keep: Vec<Spec>, what: Stale<'static>, allow: All
             expected_method(allow, kernel_filter_possible, stale_specs.len())
         );
         // A second flush finds nothing left.
-        let again = flush_with(what, allow).unwrap();
+        let again = flush_with(&mut Ctnetlink::open().unwrap(), what, allow).unwrap();
         if let Method::Dump { deleted, .. } = again {
             assert_eq!(deleted, 0);
         }
@@ -690,7 +690,7 @@ fn teardown_removes_everything_dnated_to_the_container_and_nothing_else() {
 #[test]
 fn an_empty_port_list_asks_the_kernel_nothing() {
     assert_eq!(
-        flush_with(Stale::HostPorts(&[]), Allow::All).unwrap(),
+        Conntrack::default().flush(Stale::HostPorts(&[])).unwrap(),
         Method::Nothing
     );
 }
