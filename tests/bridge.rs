@@ -213,7 +213,7 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         "baseline setup",
     );
     let bad = rig.container();
-    let before = fs::read(rig.state_dir().join("state.json")).unwrap();
+    let before = ledger_fingerprint(&rig.state_dir());
     let cases: &[(&str, &str, &[&str])] = &[
         ("bridge", r#"[{"containerPort":80"#, &["not valid JSON"]),
         ("overlay", "[]", &["unknown network mode \"overlay\""]),
@@ -276,7 +276,7 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         &["pid 999999999"],
     );
     assert_eq!(
-        fs::read(rig.state_dir().join("state.json")).unwrap(),
+        ledger_fingerprint(&rig.state_dir()),
         before,
         "state changed"
     );
@@ -287,15 +287,14 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
     fs::write(rig.config_path(), "[ports]\ndynamic_rnage = \"1-2\"\n").unwrap();
     must_fail_with(&rig.setup(bad, "[]"), &["dynamic_rnage"]);
     fs::write(rig.config_path(), CFG).unwrap();
-    // A corrupt state file is refused and left as it is.
-    fs::write(rig.state_dir().join("state.json"), b"{garbage").unwrap();
+    // A corrupt index is refused and left as it is.
+    let index = rig.state_dir().join("index.json");
+    let good = fs::read(&index).unwrap();
+    fs::write(&index, b"{garbage").unwrap();
     must_fail_with(&rig.setup(bad, "[]"), &["corrupt"]);
-    assert_eq!(
-        fs::read(rig.state_dir().join("state.json")).unwrap(),
-        b"{garbage"
-    );
+    assert_eq!(fs::read(&index).unwrap(), b"{garbage");
     assert_eq!(rig.veths().len(), 1);
-    fs::write(rig.state_dir().join("state.json"), &before).unwrap();
+    fs::write(&index, &good).unwrap();
 }
 
 #[test]
@@ -475,24 +474,46 @@ fn gc_releases_containers_whose_process_is_gone() {
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup a");
     must_succeed(&rig.setup(b, r#"[{"containerPort":80}]"#), "setup b");
     rig.containers[a].destroy();
-    // A veth left by a hook killed before it recorded anything.
+    // A veth left by a hook killed before it recorded anything: created on the bridge, as the
+    // hook creates them (one message).
     ip(&[
         "-n",
         &rig.host,
         "link",
         "add",
         "nsh0badcafe",
+        "master",
+        "netshim0",
         "type",
         "veth",
         "peer",
         "name",
         "nshpeer0x",
     ]);
+    // A link with netshim's name shape that is not on this instance's bridge (another
+    // instance's, or someone else's) is never swept.
+    ip(&[
+        "-n",
+        &rig.host,
+        "link",
+        "add",
+        "nsh0000beef",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "nshpeer1x",
+    ]);
     must_succeed(&rig.shim(&["gc"], ""), "gc");
     assert!(
         !rig.veths().contains(&"nsh0badcafe".to_string()),
         "stray veth kept"
     );
+    assert!(
+        rig.veths().contains(&"nsh0000beef".to_string()),
+        "a veth not on this bridge was swept"
+    );
+    ip(&["-n", &rig.host, "link", "del", "nsh0000beef"]);
     assert_eq!(rig.recorded(), vec![rig.containers[b].id.clone()]);
     assert_eq!(rig.veths().len(), 1);
     assert_eq!(rig.nft_elements().lines().count(), 1);

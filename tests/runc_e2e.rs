@@ -161,7 +161,7 @@ impl Lab {
 
     /// An awsvpc world: `[awsvpc]` config (short ENI wait) and the VPC rig around H.
     fn vpc(&self) -> VpcNet {
-        self.set_config("[awsvpc]\neni_wait_seconds = 2\n");
+        self.set_config("[awsvpc]\neni_wait_seconds = 2\ninterface_kinds = [\"veth\"]\n");
         VpcNet::new(&self.prefix, &self.host_ns)
     }
 
@@ -365,7 +365,7 @@ fn a_container_failing_after_network_setup_is_released_by_poststop() {
         "a container with a missing program must not start: {out}"
     );
     // The setup did run (the address cursor moved past web1's) and was undone.
-    let state = read_json(&lab.state_dir().join("state.json"));
+    let state = common::ledger_index(&lab.state_dir());
     assert_eq!(state["cursors"]["ip"], "10.213.0.3", "{state}");
     assert_eq!(lab.recorded(), vec![keep.clone()]);
     assert_eq!(lab.links("nsh").len(), 1, "{:?}", lab.links("nsh"));
@@ -426,7 +426,7 @@ fn none_mode_container_has_only_loopback_up() {
 fn two_awsvpc_tasks_serve_the_subnet_and_runc_delete_hands_their_enis_back() {
     // H keeps its default route over the link to C, so no ENI is the primary interface.
     let lab = Lab::new(HookSource::RuncSnippet);
-    lab.set_config("[awsvpc]\neni_wait_seconds = 2\n");
+    lab.set_config("[awsvpc]\neni_wait_seconds = 2\ninterface_kinds = [\"veth\"]\n");
     let mut vpc = VpcNet::new(&lab.prefix, &lab.host_ns);
     let tasks = [
         ("task1", vpc.attach_eni(), "10.0.1.23"),

@@ -848,7 +848,7 @@ fn failure_after_setup_is_released(rt: Rt) {
         !ok,
         "{rt:?}: a container with a missing program must not start: {out}"
     );
-    let state = read_json(&lab.state_dir().join("state.json"));
+    let state = common::ledger_index(&lab.state_dir());
     assert_eq!(
         state["cursors"]["ip"], "10.213.0.2",
         "{rt:?}: netshim's setup ran before the failure: {state}"
@@ -888,7 +888,7 @@ fn awsvpc_task_serves_the_subnet_and_hands_its_eni_back(rt: Rt) {
         // crun's mount namespace: it must outlive `crun run` (see `hold_crun_mount_ns`).
         lab.hold_crun_mount_ns();
     }
-    lab.set_config("[awsvpc]\neni_wait_seconds = 2\n");
+    lab.set_config("[awsvpc]\neni_wait_seconds = 2\ninterface_kinds = [\"veth\"]\n");
     let mut vpc = VpcNet::new(&lab.prefix, &lab.host_ns);
     let eni = vpc.attach_eni();
     let (c, ok, out) = lab.start_awsvpc("task1", &eni_annotation(&eni, "10.0.1.23/24"));

@@ -3,112 +3,93 @@
 use anyhow::bail;
 
 use crate::commands::Globals;
-use crate::commands::hook::release;
 use crate::firewall::{self, Layout};
-use crate::kernel::netlink::{Netlink, link_name};
-use crate::kernel::netns;
-use crate::modes::{HostKernel, Kernel};
-use crate::request::NetworkMode;
-use crate::state::{ContainerRecord, State};
+use crate::kernel::{HostKernel, Kernel};
+use crate::modes;
+use crate::reap;
+use crate::types::NetworkMode;
 
-/// Whether the container's process still holds the netns recorded at setup.
-pub fn alive(rec: &ContainerRecord) -> bool {
-    match (rec.pid, rec.netns_inode) {
-        (Some(pid), Some(ino)) => netns::open_pid(pid)
-            .and_then(|f| netns::inode(&f))
-            .map(|i| i == ino)
-            .unwrap_or(false),
-        _ => false,
-    }
-}
-
-/// Releases every container whose process is gone (missed poststop, crash).
+/// Repairs whatever a crash, a firewall reload or a hand left behind, reconciling the kernel and
+/// the ledger in both directions, and says what it did, one line each: unfinished setups rolled
+/// back, corrupt records moved aside, containers whose process is gone released, claims no
+/// record holds dropped (and missing ones restored), this instance's links no record knows
+/// deleted, the bridge repaired, the firewall table rebuilt from the ledger when it is not whole.
 pub fn gc(g: &Globals) -> anyhow::Result<()> {
-    let sd = g.state();
-    if !sd.state_path().exists() {
+    let sd = g.state()?;
+    if !sd.exists() {
         return Ok(());
     }
+    let cfg = g.load_config()?;
     let lock = sd.lock()?;
-    let mut state = sd.load()?;
+    let mut state = sd.open(&lock)?;
     let mut k = HostKernel::new();
-    let (released, mut failed) = reap_dead(&mut k, &mut state);
-    for id in released {
-        println!("released {id}");
+    let mut failed: Vec<String> = Vec::new();
+    for id in reap::recover(&mut k, &sd, &lock, &mut state)? {
+        println!(
+            "rolled back the unfinished setup of {}",
+            crate::output::escape_controls(&id)
+        );
     }
-    // Host veth ends no record knows (a hook killed between creating and recording them).
-    let known: Vec<&str> = state
-        .containers
-        .values()
-        .flat_map(|c| {
-            [
-                c.veth.as_deref(),
-                c.eni.as_ref().and_then(|e| e.veth.as_deref()),
-            ]
-        })
-        .flatten()
-        .collect();
-    let mut nl = Netlink::open()?;
-    for l in nl.links()? {
-        if let Some(name) = link_name(&l)
-            && is_ours(&name)
-            && !known.contains(&name.as_str())
-        {
-            match nl.del_link(&name) {
-                Ok(_) => println!("deleted stray link {name}"),
-                Err(e) => failed.push(format!("stray link {name}: {e}")),
-            }
+    let (_, bad) = sd.load_lenient()?;
+    for (path, e) in bad {
+        let to = sd.quarantine(&path, &lock)?;
+        println!(
+            "moved corrupt record {} aside to {} ({e})",
+            path.display(),
+            to.display()
+        );
+    }
+    let reaped = reap::reap_dead(&mut k, &sd, &lock, &mut state)?;
+    for id in &reaped.released {
+        println!("released {}", crate::output::escape_controls(id));
+    }
+    failed.extend(
+        reaped
+            .failed
+            .iter()
+            .map(|(id, e)| format!("{}: {e}", crate::output::escape_controls(id))),
+    );
+    let records = state.records();
+    state.io_result()?;
+    let mut claimed = records.clone();
+    claimed.extend(sd.pending()?);
+    for change in sd
+        .claims()
+        .rebuild(claimed.iter())
+        .map_err(|e| anyhow::anyhow!("rebuild claims: {e}"))?
+    {
+        println!("{change}");
+    }
+    for name in reap::stray_links(&mut k, &cfg, &records)? {
+        match k.del_link(&name) {
+            Ok(_) => println!("deleted stray link {name}"),
+            Err(e) => failed.push(format!("stray link {name}: {e}")),
         }
     }
-    sd.store(&state, &lock)?;
+    match modes::bridge::reconcile(&mut k, &cfg, &records) {
+        Ok(fixed) => fixed.iter().for_each(|f| println!("{f}")),
+        Err(e) => failed.push(format!("{e:#}")),
+    }
     if !failed.is_empty() {
-        bail!("gc: {}", failed.join(" | "));
+        bail!("gc: {}", failed.join("; "));
     }
     Ok(())
-}
-
-/// Names netshim gives host veth ends: `nsh` (bridge) or `nsa` (shared ENI) + 8 hex digits.
-fn is_ours(name: &str) -> bool {
-    name.len() == 11
-        && (name.starts_with("nsh") || name.starts_with("nsa"))
-        && name[3..].bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// Releases every record whose process is gone and drops it from `state`. Returns the released
-/// ids and the failures; a record whose release fails stays, for a later run.
-pub fn reap_dead(k: &mut dyn Kernel, state: &mut State) -> (Vec<String>, Vec<String>) {
-    let dead: Vec<ContainerRecord> = state
-        .containers
-        .values()
-        .filter(|r| !alive(r))
-        .cloned()
-        .collect();
-    let (mut released, mut failed) = (Vec::new(), Vec::new());
-    for rec in &dead {
-        let errs = release(k, state, rec);
-        if errs.is_empty() {
-            state.containers.remove(&rec.id);
-            released.push(rec.id.clone());
-        } else {
-            failed.push(format!("{}: {}", rec.id, errs.join("; ")));
-        }
-    }
-    (released, failed)
 }
 
 /// Re-applies the firewall from the state (after a firewall reload wiped it).
 pub fn reload(g: &Globals) -> anyhow::Result<()> {
     let cfg = g.load_config()?;
-    let sd = g.state();
-    let _lock = sd.lock()?;
-    let state = sd.load()?;
+    let sd = g.state()?;
+    let lock = sd.lock()?;
+    let mut state = sd.open(&lock)?;
+    reap::recover(&mut HostKernel::new(), &sd, &lock, &mut state)?;
+    let records = state.records();
+    state.io_result()?;
     let layout = Layout {
         bridge: &cfg.bridge_name,
         subnet: cfg.subnet,
     };
-    let bridged = state
-        .containers
-        .values()
-        .filter(|c| c.mode == NetworkMode::Bridge);
+    let bridged = records.iter().filter(|c| c.mode == NetworkMode::Bridge);
     HostKernel::new().nft(&layout.rebuild_script(bridged))?;
     Ok(())
 }
@@ -116,22 +97,50 @@ pub fn reload(g: &Globals) -> anyhow::Result<()> {
 /// Removes the bridge and the firewall table; refuses while containers are recorded unless forced.
 pub fn reset(g: &Globals, force: bool) -> anyhow::Result<()> {
     let cfg = g.load_config()?;
-    let sd = g.state();
+    let sd = g.state()?;
     let lock = sd.lock()?;
-    let mut state = sd.load()?;
-    if !state.containers.is_empty() && !force {
+    let mut state = sd.open(&lock)?;
+    let mut k = HostKernel::new();
+    reap::recover(&mut k, &sd, &lock, &mut state)?;
+    let records = state.records();
+    state.io_result()?;
+    if !records.is_empty() && !force {
         bail!(
             "{} container(s) still recorded: delete them first (poststop releases them) or pass --force",
-            state.containers.len()
+            records.len()
         );
     }
-    let mut k = HostKernel::new();
-    for rec in state.containers.values() {
-        let _ = release(&mut k, &state, rec);
+    let mut failed = Vec::new();
+    for rec in &records {
+        if let Err(e) = modes::release(&mut k, &state, rec) {
+            failed.push(format!("{}: {e}", crate::output::escape_controls(&rec.id)));
+        }
+        sd.forget(rec, &mut state, &lock)?;
     }
-    state.containers.clear();
-    let _ = k.nft(&firewall::delete_table_script());
-    k.del_link(&cfg.bridge_name)?;
-    sd.store(&state, &lock)?;
+    if let Err(e) = k.nft(&firewall::delete_table_script())
+        && !e.is_missing()
+    {
+        failed.push(format!("delete table {}: {e}", firewall::TABLE));
+    }
+    // Only netshim's own bridge: a link of that name that is not it is left alone.
+    match k.link(&cfg.bridge_name)? {
+        Some(l)
+            if l.kind.as_deref() == Some("bridge")
+                && l.mac == Some(modes::bridge::bridge_mac(&cfg.bridge_name)) =>
+        {
+            k.del_link(&cfg.bridge_name)?;
+        }
+        Some(_) => failed.push(format!(
+            "{} is not netshim's bridge: left alone",
+            cfg.bridge_name
+        )),
+        None => {}
+    }
+    if !failed.is_empty() {
+        bail!(
+            "reset: {} (the ledger is cleared; what is listed is left in the kernel)",
+            failed.join("; ")
+        );
+    }
     Ok(())
 }
