@@ -221,7 +221,10 @@ impl StateDir {
     /// Whether the directory holds a ledger at all (poststop and gc have nothing to do
     /// otherwise).
     pub fn exists(&self) -> bool {
-        self.index_path().exists() || self.records().exists() || self.legacy_path().exists()
+        self.index_path().exists()
+            || self.records().exists()
+            || self.pending_dir().exists()
+            || self.legacy_path().exists()
     }
 
     /// Creates the directory 0700, and checks an existing one: a directory (not a symlink),

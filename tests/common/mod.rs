@@ -262,11 +262,17 @@ impl Rig {
 
     /// Runs `shim` inside the host namespace with the rig's state dir and config.
     pub fn shim(&self, args: &[&str], stdin: &str) -> Output {
+        self.shim_env(args, stdin, &[])
+    }
+
+    /// [`Rig::shim`] with more environment variables (e.g. `NETSHIM_FAULT`).
+    pub fn shim_env(&self, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
         let mut c = command_in(&self.host, SHIM);
         c.args(args)
             .env_clear()
             .env("NETSHIM_STATE_DIR", self.state_dir())
             .env("NETSHIM_CONFIG", self.config_path())
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
