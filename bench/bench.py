@@ -292,16 +292,13 @@ class Stack:
 
     def veth_gone(self, c, wait=10.0):
         """Waits for the host end of c's veth to be gone (the kernel removes it with the netns,
-        asynchronously); True if it was already gone at the first look."""
+        asynchronously): a teardown must never leave one behind."""
         deadline = time.monotonic() + wait
-        first = True
         while c.peer in self.links():
             if time.monotonic() > deadline:
                 raise BenchError(f"{self.name}: veth ifindex {c.peer} of {c.cid} still there "
                                  f"{wait:.0f} s after teardown")
-            first = False
             time.sleep(0.02)
-        return first
 
     def nft_map_elems(self):
         """(key atoms, value atoms) of every map element in this netns's nftables ruleset."""
@@ -382,7 +379,7 @@ class Netshim(Stack):
             raise BenchError(f"netshim: {c.cid} still in `ports list` after poststop")
         if self.nft_mapped(c.ip):
             raise BenchError(f"netshim: map elements to {c.ip} left after poststop")
-        return self.veth_gone(c)
+        self.veth_gone(c)
 
     def counts(self):
         return len(self.bridge_ports()), len(self.nft_mapped()), len(self.ports())
@@ -444,7 +441,7 @@ class Floor(Stack):
     def check_down(self, c):
         if self.nft_mapped(c.ip):
             raise BenchError(f"ip+nft: tcp/{c.port} still mapped after teardown")
-        return self.veth_gone(c)
+        self.veth_gone(c)
 
     def counts(self):
         return len(self.bridge_ports()), len(self.nft_mapped())
@@ -514,7 +511,7 @@ class Netavark(Stack):
 
     def check_down(self, c):
         self.check_dnat(c, False)
-        return self.veth_gone(c)
+        self.veth_gone(c)
 
 
 class Cni(Stack):
@@ -565,7 +562,7 @@ class Cni(Stack):
         self.check_dnat(c, False)
         if os.path.exists(os.path.join(self.datadir, "bcni", c.ip)):
             raise BenchError(f"cni: host-local still holds {c.ip} after DEL")
-        return self.veth_gone(c)
+        self.veth_gone(c)
 
 
 class TrueStack(Stack):
@@ -581,7 +578,7 @@ class TrueStack(Stack):
         pass
 
     def check_down(self, c):
-        return True
+        pass
 
 
 STACKS = (Netshim, Floor, Netavark, Cni, TrueStack)
@@ -749,7 +746,7 @@ class Bench:
 
     def cycle(self, s, kind="t", maps=None, wrap=None):
         """One container through the lifecycle, untimed checks in between: (setup ms, setup CPU
-        ms, teardown ms, veth already gone when teardown returned)."""
+        ms, teardown ms)."""
         s.enter()
         c = self.new_ctr(s, kind, maps)
         try:
@@ -758,7 +755,8 @@ class Bench:
             self.stop(s, c)
             down, _ = self.timed(s, lambda st: s.teardown(c, st), wrap)
             self.forget(c)
-            return up, cpu, down, s.check_down(c)
+            s.check_down(c)
+            return up, cpu, down
         finally:
             self.stop(s, c)
             self.forget(c)
@@ -790,7 +788,7 @@ class Bench:
         """First use of each stack (creates its bridge and rules), timed apart; then one
         setup + teardown under strace (with another container present) for the programs run."""
         for s in self.stacks:
-            up, _, down, _ = self.cycle(s)
+            up, _, down = self.cycle(s)
             s.first_use = (up, down)
             s.enter()
             files = []
@@ -856,7 +854,7 @@ class Bench:
                 s.enter()
                 c = ctrs[s.name] = self.new_ctr(s, "t")
                 ms, cpu = self.timed(s, lambda st: s.setup(c, st))
-                out[s.name] = [ms, cpu, None, None]
+                out[s.name] = [ms, cpu, None]
                 time.sleep(self.a.settle)
             for s in order:
                 s.enter()
@@ -866,7 +864,6 @@ class Bench:
                 c = ctrs[s.name]
                 self.stop(s, c)
                 out[s.name][2], _ = self.timed(s, lambda st: s.teardown(c, st))
-                out[s.name][3] = s.network and c.peer not in s.links()
                 self.forget(c)
                 time.sleep(self.a.settle)
             for s in order:
@@ -881,7 +878,10 @@ class Bench:
         return out
 
     def measure(self, level, n):
+        """n runs; one during which other work took more than --max-foreign of the CPUs is
+        redone, while this level's --wait-idle budget for waiting and redoing lasts."""
         a = self.a
+        budget = time.monotonic() + a.wait_idle
         quiet = wait_quiet(a.wait_idle)
         keep, foreign, redone, i = [], [], 0, 0
         while len(keep) < n:
@@ -889,10 +889,10 @@ class Bench:
             out = self.one_run(i)
             f = w.foreign()
             i += 1
-            if f > a.max_foreign and redone < a.max_redo:
+            if f > a.max_foreign and redone < a.max_redo and time.monotonic() < budget:
                 redone += 1
                 log(f"  run dropped: other work took {f:.0%} of the CPUs; redoing")
-                wait_quiet(a.wait_idle)
+                wait_quiet(min(10, budget - time.monotonic()))
                 continue
             keep.append(out)
             foreign.append(f)
@@ -901,7 +901,7 @@ class Bench:
             rows = [r[s.name] for r in keep]
             self.res[(s.name, level)] = {
                 "setup": [r[0] for r in rows], "cpu": [r[1] for r in rows],
-                "teardown": [r[2] for r in rows], "gone": sum(1 for r in rows if r[3])}
+                "teardown": [r[2] for r in rows]}
         log(f"  level {level}: " + "; ".join(
             f"{s.name} {med(self.res[(s.name, level)]['setup']):.1f}/"
             f"{med(self.res[(s.name, level)]['teardown']):.1f}" for s in self.stacks)
@@ -1097,6 +1097,7 @@ class Bench:
         xs = [self.cycle(s, "u", rng) for _ in range(max(1, n // 10))]
         self.udp["range"] = ([x[0] for x in xs], [x[2] for x in xs])
         s.enter()
+        run(["conntrack", "-F"], check=False)  # this netns's table only
         with open("/proc/sys/net/netfilter/nf_conntrack_udp_timeout", "w") as f:
             f.write("1800")  # this netns only: the filler entries outlive the measurement
         for entries in (0, CT_ENTRIES):
@@ -1113,7 +1114,7 @@ class Bench:
                 self.udp[(proto, entries)] = ([], [])
             for i in range(n):
                 for proto in (("tcp", "udp") if i % 2 else ("udp", "tcp")):
-                    up, _, down, _ = self.cycle(s, "u", [{"containerPort": 80, "protocol": proto}])
+                    up, _, down = self.cycle(s, "u", [{"containerPort": 80, "protocol": proto}])
                     self.udp[(proto, entries)][0].append(up)
                     self.udp[(proto, entries)][1].append(down)
             self.udp[("entries", entries)] = (have, self.conntrack_count())
@@ -1296,14 +1297,12 @@ def report(b, levels, n, wall, host_same, left, chart_rel):
             f"{p('netshim', lv, k) / p(o, lv, k):.2f}" for o in names[1:]
             for k in ("setup", "teardown")) + " |")
     L += ["", f"Flatness: p50 at {hi} running / p50 at {lo}:", "",
-          "| stack | setup | setup ms added | teardown | host veth already gone after teardown |",
+          "| stack | setup | setup ms added | teardown | teardown ms added |",
           "|---|---:|---:|---:|---:|"]
     for name in names:
-        gone = sum(R[(name, lv)]["gone"] for lv in levels)
-        L.append(f"| {name} | {p(name, hi, 'setup') / p(name, lo, 'setup'):.2f} | "
-                 f"{p(name, hi, 'setup') - p(name, lo, 'setup'):+.2f} | "
-                 f"{p(name, hi, 'teardown') / p(name, lo, 'teardown'):.2f} | "
-                 + (f"{gone} of {n * len(levels)} |" if name != "/bin/true" else "– |"))
+        L.append(f"| {name} | " + " | ".join(
+            f"{p(name, hi, k) / p(name, lo, k):.2f} | {p(name, hi, k) - p(name, lo, k):+.2f}"
+            for k in ("setup", "teardown")) + " |")
     L += ["", "## Starting the hook process", "", f"{b.start_how}, stdout to /dev/null:", "",
           "| process | task-clock ms | page faults | × /bin/true (time, faults) |",
           "|---|---:|---:|---:|"]
@@ -1487,12 +1486,12 @@ def main():
                     help="the shim binary to measure (copied first)")
     ap.add_argument("--tmp-parent", default="/dev/shm", help="where the temp dir (netshim's "
                     "state dir, configs) goes (default /dev/shm: tmpfs, like /run on most hosts)")
-    ap.add_argument("--wait-idle", type=float, help="wait up to S s for a quiet machine before "
-                    "each level (default 120; --quick 3)")
+    ap.add_argument("--wait-idle", type=float, help="per level, spend up to S s waiting for a "
+                    "quiet machine and redoing busy runs (default 120; --quick 3)")
     ap.add_argument("--max-foreign", type=float, default=0.25, help="redo a run during which "
                     "other work took more than this share of the CPUs (default 0.25)")
     ap.add_argument("--max-redo", type=int, help="at most this many redone runs per level "
-                    "(default 50; --quick 2)")
+                    "(default 40; --quick 2)")
     ap.add_argument("--settle", type=float, default=0.05, help="idle s between timed steps")
     ap.add_argument("--no-install", action="store_true", help="do not install missing packages")
     a = ap.parse_args()
@@ -1502,7 +1501,7 @@ def main():
     rounds = a.burst_rounds if a.burst_rounds is not None else (1 if q else 3)
     nreq = a.requests or (50 if q else 300)
     a.wait_idle = a.wait_idle if a.wait_idle is not None else (3 if q else 120)
-    a.max_redo = a.max_redo if a.max_redo is not None else (2 if q else 50)
+    a.max_redo = a.max_redo if a.max_redo is not None else (2 if q else 40)
     a.out = a.out or ("/tmp/netshim-bench-quick.md" if q else os.path.join(REPO, "docs",
                                                                           "benchmarks.md"))
     a.chart = a.chart or ("/tmp/netshim-bench-quick.png" if q else os.path.join(REPO, "docs",
@@ -1526,6 +1525,7 @@ def main():
     def on_signal(signum, _frame):
         raise SystemExit(128 + signum)
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     rc, done, left = 0, False, []
@@ -1553,6 +1553,9 @@ def main():
     except KeyboardInterrupt:
         log("interrupted")
         rc = 130
+    except SystemExit as e:
+        log("terminated")
+        rc = e.code
     except BenchError as e:
         log(f"FAILED: {e}")
         rc = 1
