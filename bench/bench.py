@@ -39,7 +39,6 @@ CNI_DIR = "/usr/lib/cni"
 TIMEOUT = 120  # seconds, any single process
 BURST = 16
 SHIM_RANGE = "30000-60000"  # netshim's dynamic host ports; conntrack filler traffic stays below
-UDP_RANGE = 1000
 CT_ENTRIES = 20000
 NEEDS = {  # what the bench runs -> Debian package (installed by `scripts/deps.sh bench`)
     NETAVARK: "netavark", f"{CNI_DIR}/bridge": "containernetworking-plugins",
@@ -179,16 +178,27 @@ class CpuWatch:
         return max(0.0, busy - (self.own() - self.o0)) / ((t1 - self.t0) / os.sysconf("SC_CLK_TCK"))
 
 
-def wait_quiet(limit, threshold=0.10):
-    """Waits up to `limit` s for a second during which other work uses under `threshold`."""
-    deadline = time.monotonic() + limit
-    while True:
-        w = CpuWatch()
-        time.sleep(1.0)
-        f = w.foreign()
-        if f < threshold or time.monotonic() >= deadline:
-            return f
-        log(f"  machine busy with other work ({f:.0%} of the CPUs): waiting")
+class Patience:
+    """One budget of seconds for the whole run, spent waiting for a quiet machine and redoing
+    runs other work disturbed: on a machine that stays busy the run still ends."""
+
+    def __init__(self, seconds):
+        self.until = time.monotonic() + seconds
+
+    def left(self):
+        return self.until - time.monotonic()
+
+    def wait_quiet(self, threshold=0.10):
+        """Waits (within the budget) for a second in which other work uses under `threshold`
+        of the CPUs; returns the last share seen."""
+        while True:
+            w = CpuWatch()
+            time.sleep(0.5)
+            f = w.foreign()
+            if f < threshold or self.left() <= 0:
+                return f
+            log(f"  machine busy with other work ({f:.0%} of the CPUs): waiting "
+                f"({self.left():.0f} s of patience left)")
 
 
 def atoms(x):
@@ -214,8 +224,8 @@ class Ctr:
 
     @property
     def nports(self):
-        return sum(int(m["containerPortRange"].split("-")[1]) - int(m["containerPortRange"]
-                   .split("-")[0]) + 1 if "containerPortRange" in m else 1 for m in self.maps)
+        spans = [m.get("containerPortRange", "0-0").split("-") for m in self.maps]
+        return sum(int(b) - int(a) + 1 for a, b in spans)
 
 
 class Stack:
@@ -657,6 +667,7 @@ class Bench:
         self.procs, self.ns_inodes, self.stacks = [], {}, []
         self.root_fd, self.root_ino, self.tmp, self.cleaned = None, ns_ino(), None, False
         self.t0 = time.perf_counter()
+        self.patience = Patience(args.wait_idle)
         self.res, self.load, self.bursts, self.lat, self.rss = {}, {}, {}, {}, {}
         self.start, self.udp, self.maint, self.notes = {}, {}, {}, []
 
@@ -879,20 +890,19 @@ class Bench:
 
     def measure(self, level, n):
         """n runs; one during which other work took more than --max-foreign of the CPUs is
-        redone, while this level's --wait-idle budget for waiting and redoing lasts."""
+        redone while the run's patience lasts."""
         a = self.a
-        budget = time.monotonic() + a.wait_idle
-        quiet = wait_quiet(a.wait_idle)
+        quiet = self.patience.wait_quiet()
         keep, foreign, redone, i = [], [], 0, 0
         while len(keep) < n:
             w = CpuWatch()
             out = self.one_run(i)
             f = w.foreign()
             i += 1
-            if f > a.max_foreign and redone < a.max_redo and time.monotonic() < budget:
+            if f > a.max_foreign and redone < a.max_redo and self.patience.left() > 0:
                 redone += 1
                 log(f"  run dropped: other work took {f:.0%} of the CPUs; redoing")
-                wait_quiet(min(10, budget - time.monotonic()))
+                self.patience.wait_quiet()
                 continue
             keep.append(out)
             foreign.append(f)
@@ -938,10 +948,11 @@ class Bench:
     def burst(self, level, rounds):
         for s in self.stacks:
             s.enter()
-            g = {"up": [], "down": [], "fail": 0, "dup": 0, "errors": []}
-            wait_quiet(min(self.a.wait_idle, 30))
+            g = {"up": [], "down": [], "fail": 0, "dup": 0, "errors": [], "load": []}
+            self.patience.wait_quiet()
             for _ in range(rounds):
                 ctrs = [self.new_ctr(s, "p") for _ in range(BURST)]
+                w = CpuWatch()
                 try:
                     wall, errs = self.parallel(s, ctrs, "setup")
                     g["up"].append(wall)
@@ -961,6 +972,7 @@ class Bench:
                         self.stop(s, c)
                     wall, errs = self.parallel(s, ok, "teardown") if ok else (float("nan"), [])
                     g["down"].append(wall)
+                    g["load"].append(w.foreign())
                     for c, e in zip(ok, errs):
                         if e:
                             g["fail"] += 1
@@ -992,7 +1004,7 @@ class Bench:
         """A responder in one container per stack; the client connects, requests and reads the
         reply through the host port and straight to the container, the stacks taking turns in
         rounds of 25 per path, client and responder pinned to two CPUs."""
-        wait_quiet(min(self.a.wait_idle, 30))
+        self.patience.wait_quiet()
         cpus = sorted(os.sched_getaffinity(0))
         cc, cr = (cpus[0], cpus[1]) if len(cpus) > 1 else (-1, -1)
         live, data = [], {}
@@ -1089,13 +1101,13 @@ class Bench:
         self.start_how = (f"`perf stat -r {reps} -e task-clock,page-faults`" if perf else
                           f"wait4 rusage of {reps} runs (CPU time, minor + major faults), p50")
 
-    def udp_bench(self, n):
-        """netshim only: a UDP_RANGE-port UDP range, and one UDP vs one TCP mapping with 0 and
+    def udp_bench(self, n, ports):
+        """netshim only: a UDP range of `ports` ports, and one UDP vs one TCP mapping with 0 and
         with CT_ENTRIES unrelated conntrack entries on the host."""
         s = self.stacks[0]
-        rng = [{"containerPortRange": f"10000-{10000 + UDP_RANGE - 1}", "protocol": "udp"}]
+        rng = [{"containerPortRange": f"10000-{10000 + ports - 1}", "protocol": "udp"}]
         xs = [self.cycle(s, "u", rng) for _ in range(max(1, n // 10))]
-        self.udp["range"] = ([x[0] for x in xs], [x[2] for x in xs])
+        self.udp["range"] = ([x[0] for x in xs], [x[2] for x in xs], ports)
         s.enter()
         run(["conntrack", "-F"], check=False)  # this netns's table only
         with open("/proc/sys/net/netfilter/nf_conntrack_udp_timeout", "w") as f:
@@ -1119,7 +1131,7 @@ class Bench:
                     self.udp[(proto, entries)][1].append(down)
             self.udp[("entries", entries)] = (have, self.conntrack_count())
         run(["conntrack", "-F"], check=False)  # this netns's table only
-        log(f"  netshim UDP: {UDP_RANGE}-port range {med(self.udp['range'][0]):.0f} / "
+        log(f"  netshim UDP: {ports}-port range {med(self.udp['range'][0]):.0f} / "
             f"{med(self.udp['range'][1]):.0f} ms; one port with {CT_ENTRIES} entries: udp "
             f"{med(self.udp[('udp', CT_ENTRIES)][0]):.1f} vs tcp "
             f"{med(self.udp[('tcp', CT_ENTRIES)][0]):.1f} ms")
@@ -1151,8 +1163,9 @@ class Bench:
         self.maint["gc, all dead"] = cmd("gc")
         if s.counts() != (0, 0, 0):
             raise BenchError(f"netshim: after `shim gc` of {lv} dead containers: {s.counts()}")
-        s.bg = []
+        s.bg, ms = [], s.bg_ms
         self.grow_to(lv, [s])
+        s.bg_ms = ms  # the report's growth trend is the first growth's
         s.enter()
         self.maint["reset --force"] = cmd("reset", "--force")
         tables = run(["nft", "list", "tables"]).stdout.decode().strip()
@@ -1331,6 +1344,9 @@ def report(b, levels, n, wall, host_same, left, chart_rel):
                  f"{med(g['up']) / (BURST * p(name, lv, 'setup')):.2f} | {med(g['down']):.0f} | "
                  f"{med(g['down']) / (BURST * p(name, lv, 'teardown')):.2f} | {g['fail']} | "
                  f"{g['dup']} |")
+    fb = [f for g in b.bursts.values() for f in g["load"]]
+    L += ["", f"Other work on the machine during the rounds: {statistics.mean(fb):.0%} of the CPUs "
+          f"on average, {max(fb):.0%} at most (upper bounds; rounds are not redone)."]
     for (name, lv), g in b.bursts.items():
         if g["errors"]:
             L.append(f"\n- {name} at {lv}: {len(g['errors'])} errors, first: "
@@ -1338,7 +1354,7 @@ def report(b, levels, n, wall, host_same, left, chart_rel):
     u = b.udp
     if u:
         rn = len(u["range"][0])
-        L += ["", "## UDP (netshim)", "", f"netshim at 0 running. A UDP range of {UDP_RANGE} "
+        L += ["", "## UDP (netshim)", "", f"netshim at 0 running. A UDP range of {u['range'][2]} "
               f"container ports (dynamic host ports), {rn} run{'s' * (rn > 1)}: setup "
               f"{med(u['range'][0]):.1f} ms, teardown {med(u['range'][1]):.1f} ms (p50). One "
               "mapping, UDP against TCP (UDP needs its conntrack entries flushed), with no "
@@ -1475,7 +1491,7 @@ def ensure_tools(allow):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short run (about 2 minutes): 5 "
-                    "runs, levels 0,20, one burst round, fewer samples elsewhere; writes to /tmp")
+                    "runs, levels 0,20, one burst round, a 100-port UDP range; writes to /tmp")
     ap.add_argument("--runs", type=int, help="timed runs per (stack, level) (default 40)")
     ap.add_argument("--running", help="levels of running containers (default 0,100,500)")
     ap.add_argument("--burst-rounds", type=int, help="rounds of 16 at once (default 3)")
@@ -1486,8 +1502,8 @@ def main():
                     help="the shim binary to measure (copied first)")
     ap.add_argument("--tmp-parent", default="/dev/shm", help="where the temp dir (netshim's "
                     "state dir, configs) goes (default /dev/shm: tmpfs, like /run on most hosts)")
-    ap.add_argument("--wait-idle", type=float, help="per level, spend up to S s waiting for a "
-                    "quiet machine and redoing busy runs (default 120; --quick 3)")
+    ap.add_argument("--wait-idle", type=float, help="spend at most S s in all waiting for a "
+                    "quiet machine and redoing busy runs (default 180; --quick 5)")
     ap.add_argument("--max-foreign", type=float, default=0.25, help="redo a run during which "
                     "other work took more than this share of the CPUs (default 0.25)")
     ap.add_argument("--max-redo", type=int, help="at most this many redone runs per level "
@@ -1500,7 +1516,7 @@ def main():
     levels = sorted({int(x) for x in (a.running or ("0,20" if q else "0,100,500")).split(",")})
     rounds = a.burst_rounds if a.burst_rounds is not None else (1 if q else 3)
     nreq = a.requests or (50 if q else 300)
-    a.wait_idle = a.wait_idle if a.wait_idle is not None else (3 if q else 120)
+    a.wait_idle = a.wait_idle if a.wait_idle is not None else (5 if q else 180)
     a.max_redo = a.max_redo if a.max_redo is not None else (2 if q else 40)
     a.out = a.out or ("/tmp/netshim-bench-quick.md" if q else os.path.join(REPO, "docs",
                                                                           "benchmarks.md"))
@@ -1546,7 +1562,7 @@ def main():
                 b.peak_rss(lv, 2 if q else 5)
             if lv == levels[0]:
                 log(f"level {lv}: netshim UDP")
-                b.udp_bench(4 if q else 20)
+                b.udp_bench(4 if q else 20, 100 if q else 1000)
         log(f"netshim maintenance with {levels[-1]} containers")
         b.maintenance()
         done = True
