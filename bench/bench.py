@@ -191,14 +191,17 @@ class Patience:
     def wait_quiet(self, threshold=0.10):
         """Waits (within the budget) for a second in which other work uses under `threshold`
         of the CPUs; returns the last share seen."""
+        said = False
         while True:
             w = CpuWatch()
             time.sleep(0.5)
             f = w.foreign()
             if f < threshold or self.left() <= 0:
                 return f
-            log(f"  machine busy with other work ({f:.0%} of the CPUs): waiting "
-                f"({self.left():.0f} s of patience left)")
+            if not said:
+                log(f"  machine busy with other work ({f:.0%} of the CPUs): waiting "
+                    f"({self.left():.0f} s of patience left)")
+                said = True
 
 
 def atoms(x):
@@ -1163,7 +1166,7 @@ class Bench:
         self.maint["gc, all dead"] = cmd("gc")
         if s.counts() != (0, 0, 0):
             raise BenchError(f"netshim: after `shim gc` of {lv} dead containers: {s.counts()}")
-        s.bg, ms = [], s.bg_ms
+        s.bg, ms = [], list(s.bg_ms)
         self.grow_to(lv, [s])
         s.bg_ms = ms  # the report's growth trend is the first growth's
         s.enter()
@@ -1287,8 +1290,8 @@ def report(b, levels, n, wall, host_same, left, chart_rel):
          ""]
     L += [f"- {x}" for x in b.info]
     L += [f"- {n} runs per (stack, level), {', '.join(map(str, levels))} containers already "
-          f"running; the stacks take turns in each run; wall time {wall / 60:.1f} min"
-          + (" (--quick)" if b.a.quick else ""), "", f"![setup and teardown p50]({chart_rel})",
+          f"running; the stacks take turns in each run; wall time {wall / 60:.1f} min; "
+          f"command `bench/bench.py{''.join(' ' + x for x in sys.argv[1:])}`", "", f"![setup and teardown p50]({chart_rel})",
           "", "## Setup and teardown", "",
           "Milliseconds from the first exec to the last exit of one container's setup (or "
           "teardown), input on stdin, output captured. Teardown as runtimes do it: the "
