@@ -603,3 +603,74 @@ fn ingress_rules_filter_new_connections_to_a_bridge_container() {
         "outbound ok"
     );
 }
+
+#[test]
+fn dynamic_host_ports_are_kept_out_of_the_ephemeral_range_while_mapped() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    // The host's own reservation stays, and is never handed out.
+    rig.shim_reserved("40000-40001");
+    let (a, b) = (rig.container(), rig.container());
+    must_succeed(
+        &rig.setup(
+            a,
+            r#"[{"containerPort":80},{"containerPort":53,"protocol":"udp"}]"#,
+        ),
+        "setup a",
+    );
+    must_succeed(
+        &rig.setup(b, r#"[{"containerPort":80,"hostPort":8080}]"#),
+        "setup b",
+    );
+    let (t, u) = (rig.host_port(a, 80, "tcp"), rig.host_port(a, 53, "udp"));
+    assert!(
+        t > 40001 && u > 40001,
+        "a host-reserved port was handed out: {t} {u}"
+    );
+    let mut want = vec![t, u];
+    want.sort();
+    let list = reserved_ports(&rig.host);
+    for p in &want {
+        assert!(
+            list.split(',').any(|x| contains_port(x, *p)),
+            "{p} not reserved: {list}"
+        );
+    }
+    assert!(
+        !list.split(',').any(|x| contains_port(x, 8080)),
+        "a static port was reserved: {list}"
+    );
+    must_succeed(&rig.poststop(a), "poststop a");
+    assert_eq!(
+        reserved_ports(&rig.host),
+        "40000-40001",
+        "netshim's reservations stay after poststop"
+    );
+}
+
+fn contains_port(item: &str, p: u16) -> bool {
+    let (a, b) = item.split_once('-').unwrap_or((item, item));
+    matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= p && p <= b)
+}
+
+#[test]
+fn gc_says_when_a_host_process_binds_a_mapped_port() {
+    root_only!();
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");
+    let port = rig.host_port(a, 80, "tcp");
+    let _squatter = in_ns(&rig.host, move || {
+        std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind the mapped port")
+    });
+    let out = rig.shim(&["gc"], "");
+    must_succeed(&out, "gc");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains(&format!(
+            "host port {port}/tcp is mapped to container {}",
+            rig.containers[a].id
+        )) && said.contains("gets no traffic there"),
+        "{said}"
+    );
+}

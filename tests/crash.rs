@@ -77,6 +77,11 @@ fn assert_clean(rig: &Rig, when: &str) {
         "{when}: claims left"
     );
     assert!(rig.ports().is_empty(), "{when}: ports listed");
+    assert_eq!(
+        reserved_ports(&rig.host),
+        "",
+        "{when}: host ports left reserved"
+    );
 }
 
 /// A fresh container gets a port that answers through the host.

@@ -108,6 +108,10 @@ pub trait Kernel {
     ) -> Result<Vec<String>, NlError>;
     /// Host sysctls the bridge needs (forwarding; route_localnet on the bridge).
     fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<()>;
+    /// Ports the host keeps out of its ephemeral range (`ip_local_reserved_ports`).
+    fn reserved_ports(&mut self) -> io::Result<Vec<u16>>;
+    /// Adds and removes ports of `ip_local_reserved_ports`, keeping the rest.
+    fn change_reserved_ports(&mut self, add: &[u16], remove: &[u16]) -> io::Result<()>;
     /// veth pair: `host` on `master` here (up, hairpin on, no IPv6), `peer` inside `netns`.
     fn add_veth(
         &mut self,

@@ -260,6 +260,18 @@ impl Rig {
         )
     }
 
+    /// Sets the host namespace's `ip_local_reserved_ports` (what an admin reserved).
+    pub fn shim_reserved(&self, list: &str) {
+        let ok = command_in(&self.host, "/bin/sh")
+            .args([
+                "-c",
+                &format!("echo {list} > /proc/sys/net/ipv4/ip_local_reserved_ports"),
+            ])
+            .status()
+            .expect("sh");
+        assert!(ok.success(), "set reserved ports");
+    }
+
     /// Runs `shim` inside the host namespace with the rig's state dir and config.
     pub fn shim(&self, args: &[&str], stdin: &str) -> Output {
         self.shim_env(args, stdin, &[])
@@ -486,6 +498,15 @@ pub fn must_fail_with(o: &Output, needles: &[&str]) {
     for n in needles {
         assert!(e.contains(n), "{e:?} lacks {n:?}");
     }
+}
+
+/// `net.ipv4.ip_local_reserved_ports` of netns `ns`.
+pub fn reserved_ports(ns: &str) -> String {
+    let out = command_in(ns, "/bin/cat")
+        .arg("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        .output()
+        .expect("cat");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// The ids of the committed records in a state dir, sorted.
