@@ -330,6 +330,7 @@ mod tests {
                 bridge: None,
                 ports: recs,
                 eni: None,
+                lb: Default::default(),
             },
         );
     }

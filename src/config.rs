@@ -36,6 +36,33 @@ struct RawConfig {
     ports: RawPorts,
     #[serde(default)]
     awsvpc: RawAwsvpc,
+    #[serde(default)]
+    lb: RawLb,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLb {
+    instance_id: Option<String>,
+    lease_seconds: Option<u64>,
+}
+
+/// `[lb]` settings: what the load-balancer exports and the registrar need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbConfig {
+    /// `Id` / `ServerId` of bridge and host targets (default: instance metadata, else the host name).
+    pub instance_id: Option<String>,
+    /// TTL of this host's targets in a cluster store.
+    pub lease_seconds: u64,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        LbConfig {
+            instance_id: None,
+            lease_seconds: 10,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,6 +134,7 @@ pub struct Config {
     /// default-route source address).
     pub host_address: Option<Ipv4Addr>,
     pub awsvpc: AwsvpcConfig,
+    pub lb: LbConfig,
 }
 
 impl Default for Config {
@@ -119,6 +147,7 @@ impl Default for Config {
             reserved: DEFAULT_RESERVED.to_vec(),
             host_address: None,
             awsvpc: AwsvpcConfig::default(),
+            lb: LbConfig::default(),
         }
     }
 }
@@ -219,6 +248,21 @@ impl Config {
             }
             c.awsvpc.eni_wait = std::time::Duration::from_secs_f64(w);
         }
+        if let Some(id) = raw.lb.instance_id {
+            // It goes into JSON exports only, but a stray newline or quote is a typo, not an id.
+            if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "lb.instance_id {id:?}: use the instance id, e.g. \"i-0abc123\" (1-128 printable characters)"
+                ));
+            }
+            c.lb.instance_id = Some(id);
+        }
+        if let Some(l) = raw.lb.lease_seconds {
+            if !(1..=3600).contains(&l) {
+                return Err(format!("lb.lease_seconds {l}: use 1-3600"));
+            }
+            c.lb.lease_seconds = l;
+        }
         Ok(c)
     }
 
@@ -288,6 +332,20 @@ mod tests {
             Config::parse("[awsvpc]\nallow_metdata_access = true\n")
                 .unwrap_err()
                 .contains("allow_metdata_access")
+        );
+    }
+
+    #[test]
+    fn lb_keys() {
+        let c = Config::parse("[lb]\ninstance_id = \"i-0abc\"\nlease_seconds = 5\n").unwrap();
+        assert_eq!(c.lb.instance_id.as_deref(), Some("i-0abc"));
+        assert_eq!(c.lb.lease_seconds, 5);
+        assert_eq!(Config::parse("").unwrap().lb, LbConfig::default());
+        assert!(Config::parse("[lb]\ninstance_id = \"a b\"\n").is_err());
+        assert!(
+            Config::parse("[lb]\ninstanceid = \"x\"\n")
+                .unwrap_err()
+                .contains("instanceid")
         );
     }
 

@@ -29,13 +29,24 @@ fn http(
     path: &str,
     headers: &[(&str, &str)],
 ) -> std::io::Result<(u16, String)> {
+    http_within(endpoint, method, path, headers, TIMEOUT)
+}
+
+/// [`http`] with its own connect and read timeout.
+fn http_within(
+    endpoint: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let addr = endpoint
         .to_socket_addrs()?
         .next()
         .ok_or_else(|| std::io::Error::other("no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.set_write_timeout(Some(TIMEOUT))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {endpoint}\r\n");
     for (k, v) in headers {
         req += &format!("{k}: {v}\r\n");
@@ -153,6 +164,53 @@ pub fn lookup(cfg: &AwsvpcConfig, mac: &[u8; 6]) -> anyhow::Result<EniFacts> {
             })
         }
     }
+}
+
+/// One metadata value, asked once with a short timeout (a host without a metadata service
+/// falls back quickly); `None` when it does not answer or has no such value.
+pub fn quick_value(cfg: &AwsvpcConfig, rel: &str) -> Option<String> {
+    const QUICK: Duration = Duration::from_millis(500);
+    let ep = cfg.metadata_endpoint.as_str();
+    let token = match cfg.metadata_layout {
+        MetadataLayout::Aws => match http_within(
+            ep,
+            "PUT",
+            "/latest/api/token",
+            &[("X-aws-ec2-metadata-token-ttl-seconds", "60")],
+            QUICK,
+        ) {
+            Ok((200, t)) => Some(t.trim().to_string()),
+            Ok(_) => None,
+            Err(_) => return None,
+        },
+        MetadataLayout::Alibaba => None,
+    };
+    let headers: Vec<(&str, &str)> = token
+        .as_deref()
+        .map(|t| vec![("X-aws-ec2-metadata-token", t)])
+        .unwrap_or_default();
+    match http_within(
+        ep,
+        "GET",
+        &format!("/latest/meta-data/{rel}"),
+        &headers,
+        QUICK,
+    ) {
+        Ok((200, body)) if !body.trim().is_empty() => Some(body.trim().to_string()),
+        _ => None,
+    }
+}
+
+/// The ENI id of the interface with this MAC (AWS `interface-id`, Alibaba `network-interface-id`).
+pub fn eni_id(cfg: &AwsvpcConfig, mac: &str) -> Option<String> {
+    let key = match cfg.metadata_layout {
+        MetadataLayout::Aws => "interface-id",
+        MetadataLayout::Alibaba => "network-interface-id",
+    };
+    quick_value(
+        cfg,
+        &format!("network/interfaces/macs/{}/{key}", mac.to_ascii_lowercase()),
+    )
 }
 
 fn parse_v4_list(text: &str, prefix: u8) -> anyhow::Result<Vec<Ipv4Network>> {

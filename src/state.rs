@@ -82,6 +82,30 @@ pub struct ContainerRecord {
     /// awsvpc: the ENI the task holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eni: Option<EniRecord>,
+    /// Whether load balancers send it new connections (`shim drain` sets draining).
+    #[serde(default, skip_serializing_if = "LbState::is_serving")]
+    pub lb: LbState,
+}
+
+/// A container's load-balancer state: serving, or draining before it is stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbState {
+    #[default]
+    Serving,
+    Draining,
+}
+
+impl LbState {
+    pub fn is_serving(&self) -> bool {
+        *self == LbState::Serving
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbState::Serving => "serving",
+            LbState::Draining => "draining",
+        }
+    }
 }
 
 /// What an awsvpc setup did with the task's ENI, enough to hand it back.
@@ -121,6 +145,9 @@ pub struct Cursors {
 #[serde(rename_all = "camelCase")]
 pub struct State {
     pub version: u32,
+    /// Bumped by one on every [`StateDir::store`]: what registrars report having applied.
+    #[serde(default)]
+    pub revision: u64,
     #[serde(default)]
     pub cursors: Cursors,
     #[serde(default)]
@@ -131,6 +158,7 @@ impl Default for State {
     fn default() -> Self {
         State {
             version: STATE_VERSION,
+            revision: 0,
             cursors: Cursors::default(),
             containers: BTreeMap::new(),
         }
@@ -250,7 +278,8 @@ impl StateDir {
         }
     }
 
-    /// Replaces the ledger atomically and durably. Caller holds the [`Lock`].
+    /// Replaces the ledger atomically and durably, one revision past `state`'s. Caller holds
+    /// the [`Lock`].
     pub fn store(&self, state: &State, _lock: &Lock) -> Result<(), StateError> {
         let path = self.state_path();
         let tmp = self.dir.join(".state.json.tmp");
@@ -258,7 +287,21 @@ impl StateDir {
             path: path.display().to_string(),
             source,
         };
-        let bytes = serde_json::to_vec(state).map_err(|e| err(io::Error::other(e)))?;
+        // The state as stored, one revision on, without copying it.
+        #[derive(Serialize)]
+        struct Stored<'a> {
+            version: u32,
+            revision: u64,
+            cursors: &'a Cursors,
+            containers: &'a BTreeMap<String, ContainerRecord>,
+        }
+        let next = Stored {
+            version: state.version,
+            revision: state.revision.wrapping_add(1),
+            cursors: &state.cursors,
+            containers: &state.containers,
+        };
+        let bytes = serde_json::to_vec(&next).map_err(|e| err(io::Error::other(e)))?;
         let mut f = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -307,6 +350,7 @@ mod tests {
                 dynamic: true,
             }],
             eni: None,
+            lb: LbState::Serving,
         }
     }
 
@@ -320,6 +364,7 @@ mod tests {
         st.containers.insert("a".into(), record("a"));
         st.cursors.port = Some(49153);
         sd.store(&st, &lock).unwrap();
+        st.revision = 1;
         assert_eq!(sd.load().unwrap(), st);
         assert_eq!(
             fs::metadata(&d).unwrap().permissions().mode() & 0o777,
@@ -327,6 +372,42 @@ mod tests {
         );
         assert!(!d.join(".state.json.tmp").exists());
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn every_store_bumps_the_revision_and_draining_round_trips() {
+        let d = tmpdir("rev");
+        let sd = StateDir::new(&d);
+        let lock = sd.lock().unwrap();
+        let mut st = sd.load().unwrap();
+        assert_eq!(st.revision, 0);
+        for want in 1..=3 {
+            sd.store(&st, &lock).unwrap();
+            st = sd.load().unwrap();
+            assert_eq!(st.revision, want);
+        }
+        let mut r = record("a");
+        r.lb = LbState::Draining;
+        st.containers.insert("a".into(), r);
+        sd.store(&st, &lock).unwrap();
+        let back = sd.load().unwrap();
+        assert_eq!(back.containers["a"].lb, LbState::Draining);
+        let text = fs::read_to_string(sd.state_path()).unwrap();
+        assert!(text.contains(r#""lb":"draining""#), "{text}");
+        assert!(text.contains(r#""revision":4"#), "{text}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn version_1_files_without_the_new_fields_still_load() {
+        // A ledger written before revisions and load-balancer states existed.
+        let old = r#"{"version":1,"cursors":{"port":49153},"containers":{"a":{"id":"a","mode":"bridge","created":1,"ports":[{"protocol":"tcp","containerPort":80,"hostPort":49153,"dynamic":true}]}}}"#;
+        let st = State::from_bytes(Path::new("s"), old.as_bytes()).unwrap();
+        assert_eq!(st.revision, 0);
+        assert_eq!(st.containers["a"].lb, LbState::Serving);
+        // Serving is the default and is not written, so older readers see what they knew.
+        let text = serde_json::to_string(&st.containers["a"]).unwrap();
+        assert!(!text.contains("lb"), "{text}");
     }
 
     #[test]

@@ -136,6 +136,7 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
         bridge: None,
         ports: Vec::new(),
         eni: None,
+        lb: Default::default(),
     };
     let ctx = ModeCtx {
         cfg: &cfg,

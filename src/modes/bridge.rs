@@ -399,6 +399,7 @@ mod tests {
             bridge: Some("netshim0".into()),
             ports: p.ports.clone(),
             eni: None,
+            lb: Default::default(),
         }
     }
 

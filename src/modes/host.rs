@@ -77,6 +77,7 @@ mod tests {
                 bridge: None,
                 ports,
                 eni: None,
+                lb: Default::default(),
             },
         );
     }
