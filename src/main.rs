@@ -64,6 +64,10 @@ enum Cmd {
         /// HAProxy admin socket (runtime API, level admin); repeat for several HAProxies.
         #[arg(long, value_name = "SOCKET")]
         haproxy: Vec<PathBuf>,
+        /// Keep this HAProxy `server-state-file` current (pairs with the --haproxy of the same
+        /// position), so a reload starts with the slots filled.
+        #[arg(long, value_name = "FILE")]
+        haproxy_state_file: Vec<PathBuf>,
         /// Servers named <prefix><n> (from `server-template <prefix> N ...`) are the slots.
         #[arg(long, default_value = "slot", value_name = "PREFIX")]
         haproxy_slot_prefix: String,
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
         }
         Cmd::Registrar {
             haproxy,
+            haproxy_state_file,
             haproxy_slot_prefix,
             nginx,
             nginx_reload,
@@ -194,6 +199,7 @@ fn main() -> ExitCode {
             &g,
             commands::registrar::Args {
                 haproxy,
+                haproxy_state_file,
                 slot_prefix: haproxy_slot_prefix,
                 nginx,
                 nginx_reload,

@@ -18,6 +18,7 @@ use crate::lb::safe_name;
 #[derive(Debug, Clone, Default)]
 pub struct Args {
     pub haproxy: Vec<PathBuf>,
+    pub haproxy_state_file: Vec<PathBuf>,
     pub slot_prefix: String,
     pub nginx: Option<PathBuf>,
     pub nginx_reload: Option<String>,
@@ -35,9 +36,13 @@ pub fn run(g: &Globals, a: Args) -> anyhow::Result<()> {
             a.slot_prefix
         );
     }
+    if a.haproxy_state_file.len() > a.haproxy.len() {
+        bail!("registrar: more --haproxy-state-file than --haproxy sockets (they pair in order)");
+    }
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    for s in &a.haproxy {
-        sinks.push(Box::new(HaproxySink::new(s, &a.slot_prefix)));
+    for (i, s) in a.haproxy.iter().enumerate() {
+        let state_file = a.haproxy_state_file.get(i).map(PathBuf::as_path);
+        sinks.push(Box::new(HaproxySink::new(s, &a.slot_prefix, state_file)));
     }
     match (&a.nginx, &a.nginx_reload) {
         (Some(f), Some(r)) => sinks.push(Box::new(NginxSink::new(

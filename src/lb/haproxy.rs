@@ -378,6 +378,10 @@ pub fn describe(c: &Change) -> String {
 pub struct HaproxySink {
     api: Api,
     prefix: String,
+    /// HAProxy's `server-state-file`, kept current so a reload starts with the slots filled.
+    state_file: Option<PathBuf>,
+    /// The state file needs writing (a change, a new worker, a first pass).
+    dump: bool,
     /// The worker last seen (pid, start time): a change is a restart or reload.
     process: Option<(u32, u64)>,
     /// What was last logged about missing backends and waiting targets (logged on change).
@@ -385,10 +389,12 @@ pub struct HaproxySink {
 }
 
 impl HaproxySink {
-    pub fn new(socket: &Path, prefix: &str) -> HaproxySink {
+    pub fn new(socket: &Path, prefix: &str, state_file: Option<&Path>) -> HaproxySink {
         HaproxySink {
             api: Api::new(socket),
             prefix: prefix.to_string(),
+            state_file: state_file.map(Path::to_path_buf),
+            dump: true,
             process: None,
             last_note: String::new(),
         }
@@ -418,6 +424,9 @@ impl Sink for HaproxySink {
             None => log.line(format!("{label}: connected (worker pid {})", process.0)),
             _ => {}
         }
+        if self.process != Some(process) {
+            self.dump = true;
+        }
         self.process = Some(process);
         let servers = self
             .api
@@ -436,6 +445,19 @@ impl Sink for HaproxySink {
                 }
             }
             log.line(format!("{label}: {}", describe(c)));
+            self.dump = true;
+        }
+        if let Some(f) = &self.state_file
+            && self.dump
+        {
+            // What HAProxy has now, in its own format: a reload (`load-server-state-from-file`)
+            // starts from it instead of from `disabled` slots.
+            let text = self.api.cmd("show servers state").with_context(|| format!("{label}: show servers state"))?;
+            if parse_servers(&text).is_ok() {
+                super::filesd::replace(f, &text)
+                    .with_context(|| format!("{label}: write {}", f.display()))?;
+            }
+            self.dump = false;
         }
         let mut note = String::new();
         for g in &p.missing {

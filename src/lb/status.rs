@@ -38,12 +38,17 @@ pub fn dir(state_dir: &Path) -> PathBuf {
     state_dir.join(DIR)
 }
 
-/// Start time of process `pid` (field 22 of `/proc/<pid>/stat`), `None` if it does not exist.
+/// Start time of process `pid` (field 22 of `/proc/<pid>/stat`), `None` if it does not exist
+/// or is a zombie (killed, not yet reaped: not running).
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: split after it.
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut f = rest.split_whitespace();
+    if matches!(f.next(), Some("Z" | "X")) {
+        return None;
+    }
+    f.nth(18)?.parse().ok()
 }
 
 /// Whether the status file's process is still the one that wrote it.
@@ -158,8 +163,17 @@ mod tests {
     }
 
     #[test]
-    fn start_time_survives_spaces_in_the_command_name() {
+    fn start_time_of_running_gone_and_zombie_processes() {
         assert!(start_time(std::process::id()).is_some());
         assert_eq!(start_time(u32::MAX), None);
+        let mut child = std::process::Command::new("/bin/true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped: a zombie is not a running registrar.
+        let gone = (0..200).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            start_time(pid).is_none()
+        });
+        assert!(gone, "zombie {pid} counted as running");
+        child.wait().unwrap();
     }
 }
