@@ -452,7 +452,10 @@ impl Sink for HaproxySink {
         {
             // What HAProxy has now, in its own format: a reload (`load-server-state-from-file`)
             // starts from it instead of from `disabled` slots.
-            let text = self.api.cmd("show servers state").with_context(|| format!("{label}: show servers state"))?;
+            let text = self
+                .api
+                .cmd("show servers state")
+                .with_context(|| format!("{label}: show servers state"))?;
             if parse_servers(&text).is_ok() {
                 super::filesd::replace(f, &text)
                     .with_context(|| format!("{label}: write {}", f.display()))?;
