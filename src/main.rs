@@ -83,6 +83,9 @@ enum Cmd {
         /// nginx's pid file: after a reload, wait for its new workers.
         #[arg(long, value_name = "FILE")]
         nginx_pid: Option<PathBuf>,
+        /// An upstream the include always has, even before its first container (repeatable).
+        #[arg(long, value_name = "NAME")]
+        nginx_upstream: Vec<String>,
         /// Prometheus file_sd_configs file, replaced atomically; repeatable.
         #[arg(long, value_name = "FILE")]
         file_sd: Vec<PathBuf>,
@@ -192,6 +195,7 @@ fn main() -> ExitCode {
             nginx_reload,
             nginx_test,
             nginx_pid,
+            nginx_upstream,
             file_sd,
             resync,
             probe_timeout_ms,
@@ -205,6 +209,7 @@ fn main() -> ExitCode {
                 nginx_reload,
                 nginx_test,
                 nginx_pid,
+                nginx_upstreams: nginx_upstream,
                 file_sd,
                 resync: seconds(resync),
                 probe_timeout: std::time::Duration::from_millis(probe_timeout_ms),

@@ -330,6 +330,7 @@ fn haproxy_accepts_the_export_and_the_shipped_config() {
 
 #[test]
 fn nginx_accepts_the_export_and_the_shipped_example() {
+    root_only!();
     let l = Ledger::new("nginx");
     let export = l.list(&["--format", "nginx"]);
     assert_no_injection(&export);
@@ -342,13 +343,15 @@ fn nginx_accepts_the_export_and_the_shipped_example() {
         + "server { listen 127.0.0.1:2; location / { proxy_pass http://web.metrics; } }\n";
     let cfg = l.path("nginx.conf");
     fs::write(&cfg, nginx_config(&l.dir, &ups, &server)).expect("write");
-    if let Err(e) = nginx_test(&cfg) {
+    // `nginx -t` binds the listen addresses: in a namespace of its own.
+    let ns = PrivateNs::new(&format!("nslbn{}", std::process::id()));
+    if let Err(e) = nginx_test(&ns.name, &cfg) {
         panic!("nginx -t refuses the export: {e}\n{export}");
     }
     // Control: an upstream the example names but the include lacks is refused.
     fs::write(&ups, export.replace("upstream web {", "upstream other {")).expect("write");
     assert!(
-        nginx_test(&cfg).is_err(),
+        nginx_test(&ns.name, &cfg).is_err(),
         "nginx -t accepted a missing upstream"
     );
 }

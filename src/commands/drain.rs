@@ -100,6 +100,8 @@ pub fn drain(g: &Globals, id: &str, timeout: Duration) -> anyhow::Result<()> {
         std::thread::sleep(TICK);
     };
 
+    let applied = t0.elapsed();
+
     // Then no inbound connection is left.
     let ports = ports(&rec);
     let mut idle = 0;
@@ -126,8 +128,10 @@ pub fn drain(g: &Globals, id: &str, timeout: Duration) -> anyhow::Result<()> {
         std::thread::sleep(TICK);
     }
     println!(
-        "drained {id} in {:.3} s ({registrars} registrar(s) at revision {revision}, no open connection)",
-        t0.elapsed().as_secs_f64()
+        "drained {id} in {:.3} s: {registrars} registrar(s) applied revision {revision} after {:.3} s, no open connection after {:.3} s",
+        t0.elapsed().as_secs_f64(),
+        applied.as_secs_f64(),
+        (t0.elapsed() - applied).as_secs_f64()
     );
     Ok(())
 }

@@ -24,6 +24,7 @@ pub struct Args {
     pub nginx_reload: Option<String>,
     pub nginx_test: String,
     pub nginx_pid: Option<PathBuf>,
+    pub nginx_upstreams: Vec<String>,
     pub file_sd: Vec<PathBuf>,
     pub resync: Duration,
     pub probe_timeout: Duration,
@@ -44,12 +45,18 @@ pub fn run(g: &Globals, a: Args) -> anyhow::Result<()> {
         let state_file = a.haproxy_state_file.get(i).map(PathBuf::as_path);
         sinks.push(Box::new(HaproxySink::new(s, &a.slot_prefix, state_file)));
     }
+    if let Some(bad) = a.nginx_upstreams.iter().find(|u| !safe_name(u)) {
+        bail!(
+            "registrar: --nginx-upstream {bad:?}: use letters, digits, '_', '.' or '-' (at most 64)"
+        );
+    }
     match (&a.nginx, &a.nginx_reload) {
         (Some(f), Some(r)) => sinks.push(Box::new(NginxSink::new(
             f,
             &a.nginx_test,
             r,
             a.nginx_pid.as_deref(),
+            &a.nginx_upstreams,
         ))),
         (Some(_), None) => bail!(
             "registrar: --nginx needs --nginx-reload CMD: e.g. --nginx-reload \"nginx -s reload\""

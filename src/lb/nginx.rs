@@ -26,6 +26,8 @@ use super::{Target, safe_name};
 /// The first line of the file.
 pub const HEADER: &str =
     "# written by shim registrar from the netshim ledger; replaced on every change, do not edit\n";
+/// How long an include the check refused waits before it is tried again.
+pub const RETRY_REJECTED: Duration = Duration::from_secs(5);
 /// The least time between two reloads.
 pub const MIN_RELOAD_GAP: Duration = Duration::from_secs(1);
 
@@ -34,22 +36,35 @@ pub struct NginxSink {
     test: String,
     reload: String,
     pid_file: Option<PathBuf>,
+    /// Upstreams written even with no target (named in the config before any container runs).
+    upstreams: Vec<String>,
     last_reload: Option<Instant>,
     /// The file changed since the last reload.
     pending: bool,
+    /// The last include the check refused, when, and why: not tried again for a while, so a
+    /// broken nginx config does not have the file flip back and forth.
+    rejected: Option<(String, Instant, String)>,
     due: Option<Instant>,
 }
 
 impl NginxSink {
-    pub fn new(path: &Path, test: &str, reload: &str, pid_file: Option<&Path>) -> NginxSink {
+    pub fn new(
+        path: &Path,
+        test: &str,
+        reload: &str,
+        pid_file: Option<&Path>,
+        upstreams: &[String],
+    ) -> NginxSink {
         NginxSink {
             path: path.to_path_buf(),
             test: test.to_string(),
             reload: reload.to_string(),
             pid_file: pid_file.map(Path::to_path_buf),
+            upstreams: upstreams.to_vec(),
             last_reload: None,
             // A registrar that starts does not know whether nginx runs with the file: reload once.
             pending: true,
+            rejected: None,
             due: None,
         }
     }
@@ -133,7 +148,8 @@ impl Sink for NginxSink {
         let label = self.label();
         self.due = None;
         let current = fs::read_to_string(&self.path).ok();
-        let (keep, present) = parse(current.as_deref().unwrap_or(""));
+        let (mut keep, present) = parse(current.as_deref().unwrap_or(""));
+        keep.extend(self.upstreams.iter().cloned());
         let chosen: Vec<Target> = want
             .targets
             .iter()
@@ -144,6 +160,13 @@ impl Sink for NginxSink {
             .collect();
         let text = format!("{HEADER}{}", export::nginx(&chosen, &keep));
         if current.as_deref() != Some(text.as_str()) {
+            if let Some((t, at, why)) = &self.rejected
+                && *t == text
+                && at.elapsed() < RETRY_REJECTED
+            {
+                self.due = Some(*at + RETRY_REJECTED);
+                bail!("{why}");
+            }
             replace(&self.path, &text).with_context(|| format!("{label}: write"))?;
             if let Err(e) = sh(&self.test) {
                 // Put back what nginx was running with; nothing is reloaded.

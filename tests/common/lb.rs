@@ -424,9 +424,10 @@ pub fn nginx_config(dir: &Path, upstreams: &Path, server: &str) -> String {
     )
 }
 
-/// `nginx -t -c cfg` (logs to stderr, prefix `dir`): Ok or its complaint.
-pub fn nginx_test(cfg: &Path) -> Result<(), String> {
-    let out = Command::new("/usr/sbin/nginx")
+/// `nginx -t -c cfg` inside netns `ns` (the check binds the `listen` addresses): Ok or its
+/// complaint.
+pub fn nginx_test(ns: &str, cfg: &Path) -> Result<(), String> {
+    let out = command_in(ns, "/usr/sbin/nginx")
         .args(["-t", "-q", "-e", "stderr", "-c"])
         .arg(cfg)
         .output()
