@@ -1,8 +1,8 @@
 //! Open inbound connections of a container, for `shim drain`: TCP sockets in the container's
-//! network namespace (read through `/proc/<pid>/net/tcp` and `tcp6`, which show the namespace of
-//! that process) whose local port is one of its mapped ports. In host mode the namespace is the
-//! host's and the ports are the host ports. No netlink and no conntrack: the sockets are what
-//! the application still serves, whatever path (DNAT, hairpin, direct) they came by.
+//! network namespace whose local port is one of its mapped ports, asked of the kernel by
+//! sock_diag (`kernel::sockdiag`), with `/proc/<pid>/net/tcp{,6}` as the fallback. In host mode
+//! the namespace is the host's and the ports are the host ports. Sockets, not conntrack: they
+//! are what the application still serves, whatever path (DNAT, hairpin, direct) they came by.
 
 use std::fs;
 use std::io;
@@ -37,6 +37,21 @@ pub fn count(pid: i32, ports: &[u16]) -> io::Result<usize> {
     if ports.is_empty() {
         return Ok(0);
     }
+    match crate::kernel::netns::open_pid(pid) {
+        Ok(ns) => {
+            use std::os::fd::AsFd;
+            if let Ok(n) = crate::kernel::sockdiag::busy_on_ports(ns.as_fd(), ports) {
+                return Ok(n);
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(_) => {}
+    }
+    count_proc(pid, ports)
+}
+
+/// [`count`] by reading `/proc/<pid>/net/tcp` and `tcp6` (which show that process's netns).
+pub fn count_proc(pid: i32, ports: &[u16]) -> io::Result<usize> {
     let mut n = 0;
     for f in ["tcp", "tcp6"] {
         match fs::read_to_string(format!("/proc/{pid}/net/{f}")) {
@@ -81,8 +96,10 @@ mod tests {
         let c = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (s, _) = l.accept().unwrap();
         assert_eq!(count(pid, &[port]).unwrap(), 1);
+        assert_eq!(count_proc(pid, &[port]).unwrap(), 1);
         drop(c);
         drop(s);
         assert_eq!(count(pid, &[port]).unwrap(), 0);
+        assert_eq!(count_proc(pid, &[port]).unwrap(), 0);
     }
 }
