@@ -62,10 +62,10 @@ pub fn busy_on_ports(ns: BorrowedFd<'_>, ports: &[u16]) -> io::Result<usize> {
                     .map_err(|e| io::Error::other(format!("sock_diag answer: {e}")))?;
                 let len = m.header.length as usize;
                 match m.payload {
-                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                        if ports.contains(&r.header.socket_id.source_port) {
-                            n += 1;
-                        }
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+                        if ports.contains(&r.header.socket_id.source_port) =>
+                    {
+                        n += 1;
                     }
                     NetlinkPayload::Done(_) => break 'dump,
                     NetlinkPayload::Error(e) => {
