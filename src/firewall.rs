@@ -191,7 +191,7 @@ pub fn delete_table_script() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::Protocol;
+    use crate::types::Protocol;
 
     fn rec(proto: Protocol, host: u16, hip: Option<Ipv4Addr>) -> PortRecord {
         PortRecord {

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use crate::commands::gc::alive;
 use crate::commands::{Exit, Globals};
 use crate::lb::{conns, status};
-use crate::request::{NetworkMode, Protocol};
+use crate::reap::alive;
 use crate::state::{ContainerRecord, LbState};
+use crate::types::{NetworkMode, Protocol};
 
 /// How often the registrars' files and the sockets are looked at.
 const TICK: Duration = Duration::from_millis(10);
@@ -47,7 +47,7 @@ fn timed_out(id: &str, timeout: Duration, why: String) -> anyhow::Error {
 pub fn drain(g: &Globals, id: &str, timeout: Duration) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let deadline = t0 + timeout;
-    let sd = g.state();
+    let sd = g.state()?;
     let (revision, rec) = {
         let lock = sd.lock()?;
         let mut st = sd.load()?;
@@ -127,6 +127,7 @@ pub fn drain(g: &Globals, id: &str, timeout: Duration) -> anyhow::Result<()> {
         }
         std::thread::sleep(TICK);
     }
+    let id = crate::output::escape_controls(id);
     println!(
         "drained {id} in {:.3} s: {registrars} registrar(s) applied revision {revision} after {:.3} s, no open connection after {:.3} s",
         t0.elapsed().as_secs_f64(),

@@ -9,8 +9,8 @@ use serde::Serialize;
 use crate::commands::Globals;
 use crate::kernel::netlink::Netlink;
 use crate::lb;
-use crate::request::NetworkMode;
 use crate::state::{LbState, State};
+use crate::types::NetworkMode;
 
 /// One mapped port, as the contract names its fields.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -80,7 +80,7 @@ pub fn entries(
                 name: p.name.clone(),
                 dynamic: p.dynamic,
                 state: c.lb,
-                eni_mac: c.eni.as_ref().map(|e| e.mac.clone()),
+                eni_mac: c.eni.as_ref().map(|e| e.mac.to_string()),
             });
         }
     }
@@ -120,11 +120,11 @@ pub struct Filter {
     pub container: Option<String>,
     pub service: Option<String>,
     pub state: Option<LbState>,
-    pub protocol: Option<crate::request::Protocol>,
+    pub protocol: Option<crate::types::Protocol>,
 }
 
 pub fn list(g: &Globals, format: Format, f: &Filter) -> anyhow::Result<()> {
-    let state = g.state().load()?;
+    let state = g.state()?.load()?;
     let host = host_address(g)?;
     let mut rows = entries(&state, host, f.container.as_deref(), f.service.as_deref());
     // `register-targets` must not re-register what is draining: elbv2 lists serving targets
@@ -241,36 +241,24 @@ pub fn table(rows: &[PortEntry]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::Protocol;
     use crate::state::{ContainerRecord, PortRecord};
+    use crate::types::Protocol;
 
     fn state() -> State {
         let mut st = State::default();
         for (id, svc, port) in [("aaa", Some("web"), 49153), ("bbb", None, 8080)] {
-            st.containers.insert(
-                id.into(),
-                ContainerRecord {
-                    id: id.into(),
-                    mode: NetworkMode::Bridge,
-                    service: svc.map(String::from),
-                    created: 0,
-                    pid: None,
-                    netns_inode: None,
-                    ip: Some(Ipv4Addr::new(10, 213, 0, 2)),
-                    veth: None,
-                    bridge: None,
-                    ports: vec![PortRecord {
-                        protocol: Protocol::Tcp,
-                        container_port: 80,
-                        host_port: port,
-                        host_ip: None,
-                        name: None,
-                        dynamic: port == 49153,
-                    }],
-                    eni: None,
-                    lb: Default::default(),
-                },
-            );
+            let mut r = ContainerRecord::new(id, NetworkMode::Bridge);
+            r.service = svc.map(String::from);
+            r.ip = Some(Ipv4Addr::new(10, 213, 0, 2));
+            r.ports = vec![PortRecord {
+                protocol: Protocol::Tcp,
+                container_port: 80,
+                host_port: port,
+                host_ip: None,
+                name: None,
+                dynamic: port == 49153,
+            }];
+            st.containers.insert(id.into(), r);
         }
         st
     }

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 
 use super::{Target, safe_name};
 use crate::commands::ports::PortEntry;
-use crate::request::NetworkMode;
 use crate::state::LbState;
+use crate::types::NetworkMode;
 
 /// `aws elbv2 register-targets --targets file://...`: `[{"Id": ..., "Port": N}]`. bridge/host:
 /// the instance id and the host port; awsvpc (target type `ip`): the task's address and the

@@ -85,8 +85,8 @@ pub(crate) mod testdata {
     //! A ledger with every mode and state the exports handle, for the golden tests.
     use std::net::Ipv4Addr;
 
-    use crate::request::{Attachment, NetworkMode, Protocol};
     use crate::state::{ContainerRecord, EniRecord, LbState, PortRecord, State};
+    use crate::types::{Attachment, MacAddr, NetworkMode, Protocol};
 
     fn port(proto: Protocol, cport: u16, hport: u16, name: Option<&str>) -> PortRecord {
         PortRecord {
@@ -105,20 +105,11 @@ pub(crate) mod testdata {
         svc: Option<&str>,
         ports: Vec<PortRecord>,
     ) -> ContainerRecord {
-        ContainerRecord {
-            id: id.into(),
-            mode,
-            service: svc.map(String::from),
-            created: 1,
-            pid: None,
-            netns_inode: None,
-            ip: None,
-            veth: None,
-            bridge: None,
-            ports,
-            eni: None,
-            lb: LbState::Serving,
-        }
+        let mut r = ContainerRecord::new(id, mode);
+        r.service = svc.map(String::from);
+        r.created = 1;
+        r.ports = ports;
+        r
     }
 
     /// web: two bridge replicas (one draining, one with a named metrics port), a host-mode
@@ -163,7 +154,7 @@ pub(crate) mod testdata {
         );
         t.ip = Some(Ipv4Addr::new(10, 0, 1, 23));
         t.eni = Some(EniRecord {
-            mac: "02:00:00:00:01:23".into(),
+            mac: MacAddr([2, 0, 0, 0, 1, 0x23]),
             name: "eth1".into(),
             attachment: Attachment::Exclusive,
             netns_pin: None,
@@ -171,6 +162,9 @@ pub(crate) mod testdata {
             table: None,
             subnet: None,
             gateway: None,
+            mtu: None,
+            trunk: None,
+            vlan: None,
         });
         add(t);
         let mut d = rec(

@@ -28,7 +28,8 @@ use super::{Target, targets};
 use crate::commands::ports::{PortEntry, entries};
 use crate::state::StateDir;
 
-/// Where a sink's change and error lines go: stderr, one line each.
+/// Where a sink's change and error lines go: stderr, one line each (control characters
+/// escaped, so no name can forge a line).
 #[derive(Debug, Default)]
 pub struct Log {
     /// Lines written (tests and the bench count them).
@@ -38,7 +39,7 @@ pub struct Log {
 impl Log {
     pub fn line(&mut self, s: String) {
         self.lines += 1;
-        eprintln!("shim registrar: {}", s.replace('\n', " "));
+        eprintln!("shim registrar: {}", crate::output::escape_controls(&s));
     }
 }
 
