@@ -317,6 +317,7 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
             next_retry = None;
         }
 
+        crate::trace::mark("registrar-wait");
         // The ledger and its targets.
         let state = match sd.load() {
             Ok(s) => {
@@ -359,9 +360,11 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
                 .filter(|(_, p)| !p.ok && p.next <= now)
                 .map(|(k, _)| k.clone())
                 .collect();
+            crate::trace::mark("registrar-load");
             if !due.is_empty() {
                 let addrs: Vec<SocketAddrV4> = due.iter().map(|k| k.1).collect();
                 let res = check_all(&addrs, o.probe_timeout);
+                crate::trace::mark(&format!("registrar-check {}", addrs.len()));
                 let after = Instant::now();
                 for (k, ok) in due.into_iter().zip(res) {
                     if let Some(p) = probes.get_mut(&k) {
@@ -383,7 +386,9 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
                 };
                 let mut all = true;
                 for (i, s) in o.sinks.iter_mut().enumerate() {
-                    match s.apply(&want, &mut log) {
+                    let r = s.apply(&want, &mut log);
+                    crate::trace::mark("registrar-apply");
+                    match r {
                         Ok(true) => {
                             if !last_error[i].is_empty() {
                                 log.line(format!("{}: in step again", s.label()));
