@@ -139,6 +139,15 @@ fn children(pid: u32) -> HashSet<u32> {
     out
 }
 
+/// Whether nginx process `pid` has begun its graceful exit (its title says so; it has closed
+/// its listening sockets then) or is gone.
+fn shutting_down(pid: u32) -> bool {
+    match fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(c) => String::from_utf8_lossy(&c).contains("shutting down"),
+        Err(_) => true,
+    }
+}
+
 impl Sink for NginxSink {
     fn label(&self) -> String {
         format!("nginx {}", self.path.display())
@@ -206,12 +215,19 @@ impl Sink for NginxSink {
         let before = master.map(children).unwrap_or_default();
         self.last_reload = Some(Instant::now());
         sh(&self.reload).with_context(|| format!("{label}: reload"))?;
-        // nginx reloads asynchronously: a new worker means the new upstreams are in use and the
-        // old workers take no new connections.
+        // nginx reloads asynchronously. Applied means: a new worker runs the new upstreams, and
+        // every old worker is gone or shutting down (it closes its listening sockets as it
+        // retitles itself), so no new connection reaches the old upstreams.
         if let Some(m) = master {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline && children(m).difference(&before).next().is_none() {
-                std::thread::sleep(Duration::from_millis(5));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let now = children(m);
+                let fresh = now.difference(&before).next().is_some();
+                let old_busy = before.iter().any(|p| now.contains(p) && !shutting_down(*p));
+                if (fresh && !old_busy) || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
             }
         }
         self.pending = false;
