@@ -451,3 +451,49 @@ fn prometheus_lists_the_file_sd_targets() {
         .expect("metrics target");
     assert_eq!(metrics["labels"]["port_name"], "metrics");
 }
+
+#[test]
+fn the_shipped_registrar_unit_runs_and_stops_cleanly_on_sigterm() {
+    let unit = fs::read_to_string(common::lab::repo_file("lb/netshim-registrar.service"))
+        .expect("lb/netshim-registrar.service");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    assert!(
+        unit.contains("KillSignal=SIGTERM") && unit.contains("Restart="),
+        "{unit}"
+    );
+    let env = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("Environment=NETSHIM_STATE_DIR="))
+        .expect("Environment=NETSHIM_STATE_DIR=");
+    assert_eq!(env, "/run/netshim");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(args[0], "/usr/local/bin/shim");
+    assert_eq!(args[1], "registrar");
+    // Its command line, against sockets that do not exist yet (HAProxy not started): the
+    // registrar runs, says so, and exits 0 on SIGTERM.
+    let l = Ledger::new("unit");
+    let rewritten: Vec<String> = args[1..]
+        .iter()
+        .map(|a| a.replace("/run/haproxy/", &format!("{}/", l.dir.display())))
+        .collect();
+    let log = l.path("registrar.log");
+    let mut cmd = Command::new(SHIM);
+    cmd.args(&rewritten)
+        .env("NETSHIM_STATE_DIR", l.dir.join("state"))
+        .env("NETSHIM_CONFIG", l.dir.join("config.toml"));
+    let mut p = Proc::spawn("registrar", &mut cmd, &log);
+    let said = common::lab::wait_for(Duration::from_secs(5), || {
+        p.log_text().contains("admin.sock: show info")
+    });
+    assert!(said, "{}", p.log_text());
+    assert!(p.running(), "{}", p.log_text());
+    let st = p.terminate().expect("exited on SIGTERM");
+    assert!(
+        st.success(),
+        "exit status {st}: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+}
