@@ -50,22 +50,21 @@ pub fn drain(g: &Globals, id: &str, timeout: Duration) -> anyhow::Result<()> {
     let sd = g.state()?;
     let (revision, rec) = {
         let lock = sd.lock()?;
-        let mut st = sd.load()?;
-        let Some(rec) = st.containers.get_mut(id) else {
+        let st = sd.open(&lock)?;
+        let Some(mut rec) = st.record(id) else {
+            st.io_result()?;
             bail!(
                 "drain {id}: no such container in the ledger at {}: it was not set up by netshim or is already released",
                 sd.dir.display()
             );
         };
         if rec.lb == LbState::Draining {
-            let rec = rec.clone();
             (st.revision, rec)
         } else {
             rec.lb = LbState::Draining;
-            let rec = rec.clone();
-            sd.store(&st, &lock)?;
-            // The revision the registrars must reach: the one just written.
-            (sd.load()?.revision, rec)
+            // The revision the registrars must reach: the one this write makes.
+            let rev = sd.put(&rec, &lock)?;
+            (rev, rec)
         }
     };
 

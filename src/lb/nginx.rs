@@ -187,10 +187,13 @@ impl Sink for NginxSink {
                         let _ = fs::remove_file(&self.path);
                     }
                 }
-                return Err(e.context(format!(
+                let e = e.context(format!(
                     "{label}: the new include fails the check, kept the old one"
-                )));
+                ));
+                self.rejected = Some((text, Instant::now(), format!("{e:#}")));
+                return Err(e);
             }
+            self.rejected = None;
             self.pending = true;
             let (ups, servers) = (text.matches("upstream ").count(), chosen.len());
             log.line(format!(

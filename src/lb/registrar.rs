@@ -4,7 +4,8 @@
 //! serving targets with a TCP connect, and asks every sink to make itself equal to that (each
 //! sink compares with what it reports itself: HAProxy's `show servers state`, the files on
 //! disk). A pass runs when the state dir changes (inotify on the dir and every subdirectory
-//! under it, the ledger being replaced by rename), when a check flips, when a sink reports a
+//! under it but those holding no committed state; records and the index are replaced by
+//! rename), when a check flips, when a sink reports a
 //! restart or reload, and on a periodic resync. Once every sink has applied a ledger revision,
 //! the registrar says so in its status file (`status.rs`), which `shim drain` waits on.
 //!
@@ -164,8 +165,18 @@ impl Watch {
         n.starts_with('.') || n == "lock"
     }
 
+    /// Directories of the state dir that hold no committed state: setups' intents, claims
+    /// (derived from the records), netns pins, quarantined records, and the registrars' own
+    /// status files. Their churn would only cause passes that change nothing.
+    fn skipped(&self, dir: &Path) -> bool {
+        dir == status::dir(&self.root)
+            || ["pending", "claims", "netns", "corrupt"]
+                .iter()
+                .any(|d| dir == self.root.join(d))
+    }
+
     fn add_tree(&mut self, dir: &Path) {
-        if dir == status::dir(&self.root) || self.dirs.values().any(|d| d == dir) {
+        if self.skipped(dir) || self.dirs.values().any(|d| d == dir) {
             return;
         }
         if let Ok(wd) = self.ino.add_watch(dir, DIR_EVENTS) {
@@ -206,7 +217,7 @@ impl Watch {
                     continue;
                 }
                 let path = dir.join(&name);
-                if path == status::dir(&self.root) {
+                if self.skipped(&path) {
                     continue;
                 }
                 if ev.mask.contains(AddWatchFlags::IN_ISDIR)

@@ -34,6 +34,19 @@ pub fn dynamic_range(cfg: &Config) -> PortRange {
         })
 }
 
+/// The port policy in force: the dynamic range, reserved ports and reuse delay of `cfg`.
+pub fn port_policy(cfg: &Config) -> PortPolicy<'_> {
+    PortPolicy {
+        dynamic: dynamic_range(cfg),
+        reserved: &cfg.reserved,
+        reuse_delay: cfg.reuse_delay.as_secs(),
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
+}
+
 /// FNV-1a: short, stable names (veths) and MACs derived from ids and names.
 pub fn fnv(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
@@ -65,12 +78,7 @@ pub fn is_our_name(prefix: &str, name: &str) -> bool {
 
 /// Host-side veth name: stable for an id, 11 characters, unique in the ledger.
 pub fn veth_name(id: &str, state: &State) -> String {
-    link_name(VETH_PREFIX, id, &|n| {
-        state
-            .containers
-            .values()
-            .any(|c| c.id != id && c.veth.as_deref() == Some(n))
-    })
+    link_name(VETH_PREFIX, id, &|n| state.link_holder(n, id).is_some())
 }
 
 /// The bridge's fixed MAC: containers' ARP entries for the gateway survive a bridge re-creation,
@@ -109,11 +117,7 @@ pub fn plan(
     probe: &dyn PortProbe,
 ) -> anyhow::Result<ModeFields> {
     check_host_ips(k, req)?;
-    let policy = PortPolicy {
-        dynamic: dynamic_range(cfg),
-        reserved: &cfg.reserved,
-    };
-    let ports = alloc::allocate_ports(state, id, &req.mappings, &policy, probe)?;
+    let ports = alloc::allocate_ports(state, id, &req.mappings, &port_policy(cfg), probe)?;
     let ip = alloc::allocate_ip(state, cfg.subnet)?;
     let veth = veth_name(id, state);
     Ok(ModeFields {
@@ -211,9 +215,10 @@ fn ensure_bridge(
             let i = k
                 .create_bridge(br, bridge_mac(br), gw, prefix)
                 .with_context(|| format!("create bridge {br}"))?;
+            // First use (rare): whether any record names this bridge.
             let others = state
-                .containers
-                .values()
+                .records()
+                .iter()
                 .any(|c| c.bridge.as_deref() == Some(br));
             if !others {
                 undo.push(Undo::DelLink(br.to_string()));
@@ -238,6 +243,7 @@ fn apply_steps(
     let gw = cfg.gateway();
     let prefix = cfg.subnet.prefix();
     let master = ensure_bridge(k, cfg, state, undo)?;
+    crate::fault::point("bridge-created");
     k.bridge_sysctls(br).context("set forwarding sysctls")?;
     trace::mark("bridge");
 
@@ -267,12 +273,14 @@ fn apply_steps(
         r => r.with_context(|| format!("create veth {veth}"))?,
     }
     undo.push(Undo::DelLink(veth.to_string()));
+    crate::fault::point("bridge-veth");
     trace::mark("veth");
 
     k.configure_container(netns, CONTAINER_IF, ip, prefix, gw)
         .with_context(|| {
             format!("configure {CONTAINER_IF} ({ip}/{prefix} via {gw}) in the container")
         })?;
+    crate::fault::point("bridge-container");
     trace::mark("container-side");
     // The bridge port turns forwarding when the kernel handles the veth's carrier event, which
     // it does later, from a work queue; a packet sent before (a load balancer's first check and
@@ -291,8 +299,9 @@ fn apply_steps(
                 bridge: br,
                 subnet: cfg.subnet,
             };
-            let empty = state.containers.values().all(|c| c.ports.is_empty());
-            let mut script = layout.rebuild_script(state.containers.values());
+            let records = state.records();
+            let empty = records.iter().all(|c| c.ports.is_empty());
+            let mut script = layout.rebuild_script(records.iter());
             script += &add;
             k.nft(&script)
                 .map_err(|e| anyhow!("{e}; before the rebuild: {first}"))
@@ -301,6 +310,7 @@ fn apply_steps(
                 undo.push(Undo::DelTable);
             }
         }
+        crate::fault::point("bridge-nft");
         trace::mark("nft");
         let del = firewall::delete_elements(ports, &|p| still_mapped(state, "", p));
         undo.push(Undo::Nft(del.concat()));
@@ -313,14 +323,49 @@ fn apply_steps(
     Ok(())
 }
 
+/// `shim gc`'s part for the bridge: netshim's bridge repaired (up, with its gateway address)
+/// when it exists, and the firewall table replaced by the ledger's when there is one or any
+/// bridge container (atomic: stray elements a crash left go, missing chains and rules return).
+/// Returns what it did.
+pub fn reconcile(
+    k: &mut dyn Kernel,
+    cfg: &Config,
+    records: &[ContainerRecord],
+) -> anyhow::Result<Vec<String>> {
+    let br = cfg.bridge_name.as_str();
+    let mut out = Vec::new();
+    if let Some(l) = k.link(br).context("look up bridge")?
+        && l.kind.as_deref() == Some("bridge")
+        && l.mac == Some(bridge_mac(br))
+    {
+        let fixed = k
+            .repair_bridge(l.index, l.up, cfg.gateway(), cfg.subnet.prefix())
+            .with_context(|| format!("repair bridge {br}"))?;
+        if !fixed.is_empty() {
+            out.push(format!("repaired bridge {br}: {}", fixed.join(", ")));
+        }
+    }
+    let bridged: Vec<&ContainerRecord> = records
+        .iter()
+        .filter(|r| r.mode == crate::types::NetworkMode::Bridge)
+        .collect();
+    if !bridged.is_empty() {
+        let layout = Layout {
+            bridge: br,
+            subnet: cfg.subnet,
+        };
+        k.nft(&layout.rebuild_script(bridged.iter().copied()))
+            .context("rebuild the firewall table from the ledger")?;
+    }
+    Ok(out)
+}
+
 /// Whether another container (not `except`) still maps `p`'s protocol and host port.
 fn still_mapped(state: &State, except: &str, p: &PortRecord) -> bool {
-    state.containers.values().any(|c| {
-        c.id != except
-            && c.ports
-                .iter()
-                .any(|q| q.protocol == p.protocol && q.host_port == p.host_port)
-    })
+    state
+        .port_holders(p.protocol, p.host_port)
+        .iter()
+        .any(|(_, id)| id != except)
 }
 
 /// Undoes a container's bridge setup from its record alone. Missing pieces (already deleted,
