@@ -638,11 +638,12 @@ def report(args, prop, rolls, rs, wall):
                  + f" | {'yes' if r['worker_same'] else 'NO'} |")
     errs = [e for r in rolls if r["mode"] == "baseline" for e in r["errors"]]
     if errs:
-        L.append(f"\nBaseline failures seen by the clients (first ones): {', '.join(sorted(set(errs))[:4])}: "
-                 "502 for requests in flight when the container was killed, 503 for requests HAProxy "
-                 "sent to a stopped container before the registrar took its target out (its "
-                 "connection attempts hang until `timeout connect`, 2 s, so the clients served far "
-                 "fewer requests in the same time).")
+        L.append(f"\nBaseline failures seen by the clients (first ones): {', '.join(sorted(set(errs))[:4])}. "
+                 "A 502 is a request in flight when its container was killed; a 503 one HAProxy "
+                 "sent to a stopped container before the registrar took its target out, after "
+                 "its connection attempts failed. Requests to an address that no longer answers "
+                 "wait for `timeout connect` (2 s), which is why the clients got through far fewer "
+                 "requests in the baseline.")
     drains = [x for r in rolls for x in r["drains"]]
     if drains:
         L.append(f"\nDrain time per container (all drains): "

@@ -750,3 +750,89 @@ fn file_sd_sink_follows_the_ledger_and_prometheus_lists_it() {
         "the file-sd file must stay (as [])"
     );
 }
+
+#[test]
+fn too_few_slots_are_logged_and_the_excess_waits_for_one() {
+    let lab = Lab::new();
+    let h = lab.haproxy(2);
+    let reg = lab.registrar_for(&h, "registrar.log");
+    let ids: Vec<String> = (1..=3)
+        .map(|i| lab.start(&format!("web{i}"), "web"))
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || h.active("web").len() == 2
+            && reg.log_text().contains("no free slot")),
+        "{:?}\n{}",
+        h.active("web"),
+        reg.log_text()
+    );
+    let log = reg.log_text();
+    assert!(
+        log.contains("backend web has no free slot: 1 target(s) wait for one"),
+        "{log}"
+    );
+    // The one left out takes the slot a drained and stopped replica frees.
+    let active: Vec<String> = h.active("web").into_iter().map(|(_, t, _)| t).collect();
+    let waiting = ids
+        .iter()
+        .find(|id| !active.contains(&lab.target(id)))
+        .expect("a waiting replica")
+        .clone();
+    let leaving = ids
+        .iter()
+        .find(|id| **id != waiting)
+        .expect("a served replica")
+        .clone();
+    let out = lab.drain(&leaving, 10.0);
+    assert!(out.status.success(), "{}", text(&out));
+    lab.stop(&leaving);
+    let want: Vec<String> = ids
+        .iter()
+        .filter(|id| **id != leaving)
+        .map(|id| lab.target(id))
+        .collect();
+    assert!(
+        wait_ready(&h, &want, Duration::from_secs(5)),
+        "{:?}\n{}",
+        h.active("web"),
+        reg.log_text()
+    );
+}
+
+#[test]
+fn drain_in_host_mode_waits_for_the_host_port() {
+    let lab = Lab::new();
+    let id = lab.name("h1");
+    let ann = json!({
+        "netshim.network-mode": "host",
+        "netshim.port-mappings": "[{\"containerPort\":18182}]",
+        "netshim.service": "web",
+    });
+    let httpd = ["/bin/busybox", "httpd", "-f", "-p", "18182", "-h", "/www"];
+    let bundle = lab.write_bundle("h1", ann, &lab.hooks, &httpd, false);
+    lab.containers.borrow_mut().push(id.clone());
+    let (ok, out) = run_logged(
+        lab.runc().args(["run", "-d", "-b"]).arg(&bundle).arg(&id),
+        &bundle.join("runc.out"),
+    );
+    assert!(ok, "runc run {id}: {out}");
+    lab.assert_serves(18182, &id);
+    let addr: SocketAddr = format!("{}:18182", lab.host_addr).parse().expect("addr");
+    let held = common::in_ns(&lab.client_ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+        s.write_all(b"GET / HTTP/1.0\r\n").expect("write");
+        s
+    });
+    let out = lab.drain(&id, 1.0);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a held connection to the host port: {}",
+        text(&out)
+    );
+    drop(held);
+    let out = lab.drain(&id, 5.0);
+    assert!(out.status.success(), "{}", text(&out));
+    let p = lab.ports();
+    assert_eq!(p[0]["state"], "draining", "{p:?}");
+}
