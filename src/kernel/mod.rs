@@ -133,8 +133,8 @@ pub trait Kernel {
     fn del_link(&mut self, name: &str) -> Result<bool, NlError>;
     /// One nftables transaction in the host netns.
     fn nft(&mut self, script: &str) -> Result<(), NftError>;
-    /// Drops UDP conntrack entries for a host port.
-    fn flush_udp(&mut self, port: u16) -> io::Result<()>;
+    /// Drops stale UDP conntrack entries (all of a setup's ports, or a container's) at once.
+    fn flush_udp(&mut self, stale: conntrack::Stale<'_>) -> io::Result<()>;
 
     // ---- primitives (awsvpc, checks, gc) ---------------------------------------------------
     /// Every link in a namespace.
