@@ -1,4 +1,5 @@
-//! The only code that talks to the kernel: netlink, nftables, netns, sysctl, conntrack.
+//! The only code that talks to the kernel: netlink, nftables, netns, sysctl, conntrack, socket
+//! diagnostics (`sockdiag`, for `shim drain`).
 //!
 //! The modes reach it through one port, [`Kernel`]: the bridge composites (bridge, bridge port,
 //! container side) and the narrow primitives awsvpc needs (links, addresses, routes, rules,
@@ -15,6 +16,7 @@ pub mod netlink;
 pub mod netns;
 pub mod nft;
 pub mod probe;
+pub mod sockdiag;
 pub mod sysctl;
 
 use std::fs::File;

@@ -321,6 +321,13 @@ fn apply_steps(
         })?;
     crate::fault::point("bridge-container");
     trace::mark("container-side");
+    // The bridge port turns forwarding when the kernel handles the veth's carrier event, which
+    // it does later, from a work queue; a packet sent before (a load balancer's first check and
+    // its ARP) is dropped, and ARP asks again only a second later. Getting the link runs that
+    // event now (the kernel syncs link state on a single-link RTM_GETLINK), so the container is
+    // reachable once the hook returns. Best effort: without it the port comes up all the same.
+    let _ = k.link(veth);
+    trace::mark("port-forwarding");
 
     if !ports.is_empty() {
         let add = firewall::add_elements(ip, ports);

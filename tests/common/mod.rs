@@ -20,6 +20,7 @@ macro_rules! root_only {
 }
 
 pub mod lab;
+pub mod lb;
 pub mod vpc;
 
 use std::fs::{self, File};
