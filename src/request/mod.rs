@@ -337,7 +337,7 @@ mod fuzz {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(|n| Value::from(n)),
+            any::<i64>().prop_map(Value::from),
             (0u32..70000).prop_map(Value::from),
             "\\PC{0,12}".prop_map(Value::String),
             prop_oneof![
