@@ -212,6 +212,7 @@ fn ready_lines(log: &str, id: &str) -> usize {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn haproxy_serves_three_replicas_round_robin_then_a_new_one_and_drops_a_drained_one() {
     let lab = Lab::new();
     let h = lab.haproxy(5);
@@ -295,6 +296,7 @@ fn haproxy_serves_three_replicas_round_robin_then_a_new_one_and_drops_a_drained_
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn rolling_replacement_under_load_with_drain_fails_no_request() {
     let lab = Lab::new();
     let mut h = lab.haproxy(6);
@@ -356,6 +358,7 @@ fn rolling_replacement_under_load_with_drain_fails_no_request() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn registrar_killed_with_sigkill_restarts_and_converges_without_duplicates() {
     let lab = Lab::new();
     let h = lab.haproxy(5);
@@ -415,6 +418,7 @@ fn registrar_killed_with_sigkill_restarts_and_converges_without_duplicates() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn haproxy_reload_and_restart_are_detected_and_reapplied() {
     let lab = Lab::new();
     let mut h = lab.haproxy(5);
@@ -468,6 +472,7 @@ fn haproxy_reload_and_restart_are_detected_and_reapplied() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn drain_times_out_on_a_held_open_connection_and_is_idempotent() {
     let lab = Lab::new();
     let h = lab.haproxy(3);
@@ -546,6 +551,7 @@ fn reloads(log: &str) -> usize {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn nginx_sink_follows_the_ledger_with_at_most_one_reload_a_second() {
     let lab = Lab::new();
     let d = lab.dir.join("nginx");
@@ -679,6 +685,7 @@ fn nginx_sink_follows_the_ledger_with_at_most_one_reload_a_second() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn file_sd_sink_follows_the_ledger_and_prometheus_lists_it() {
     let lab = Lab::new();
     let sd = lab.dir.join("netshim.json");
@@ -752,6 +759,7 @@ fn file_sd_sink_follows_the_ledger_and_prometheus_lists_it() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn too_few_slots_are_logged_and_the_excess_waits_for_one() {
     let lab = Lab::new();
     let h = lab.haproxy(2);
@@ -800,6 +808,7 @@ fn too_few_slots_are_logged_and_the_excess_waits_for_one() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn drain_in_host_mode_waits_for_the_host_port() {
     let lab = Lab::new();
     let id = lab.name("h1");

@@ -305,7 +305,10 @@ mod fuzz {
 
     fn check_error_shape(e: &RequestError) {
         let t = e.to_string();
-        assert!(!t.contains('\n') && !t.chars().any(char::is_control), "{t:?}");
+        assert!(
+            !t.contains('\n') && !t.chars().any(char::is_control),
+            "{t:?}"
+        );
         assert!(t.len() < 600, "{} bytes: {t:.100}", t.len());
     }
 

@@ -3,19 +3,18 @@
 //! namespaces with a process inside, and a "client machine" namespace routed to the host.
 //! Everything is named with a unique prefix and removed on drop, also when a test fails.
 //!
-//! Test files use it as `#[macro_use] mod common;` (for [`root_only!`]). Submodules: `vpc` (the
+//! Tests that need root carry `#[cfg_attr(not(root), ignore = "needs root: ...")]` (build.rs sets
+//! `cfg(root)` when root builds them), so an unprivileged `cargo test` lists them as ignored.
+//! Test files use this module as `#[macro_use] mod common;`. Submodules: `vpc` (the
 //! awsvpc rig: a VPC namespace, peers, veth ENIs, fake metadata) and `lab` (the end-to-end
 //! tests' world under real runtimes: shipped hook files, busybox bundles, page fetches).
 #![allow(dead_code)]
 
-/// Returns early (the test passes, with a note) unless the test runs as root.
+/// Fails a test that runs without root (the `cfg_attr` ignore normally keeps it from running).
 #[allow(unused_macros)]
 macro_rules! root_only {
     () => {
-        if !$crate::common::is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
+        assert!($crate::common::is_root(), "this test needs root");
     };
 }
 
