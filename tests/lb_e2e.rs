@@ -32,7 +32,6 @@ use common::lb::{Haproxy, Load, Proc, get_from, haproxy_config, nginx_config, ng
 
 const FLAVOUR: Flavour = Flavour {
     tag: "nsl",
-    dir: "netshim-lb",
     net: "172.29",
     patience: Duration::from_secs(3),
 };
@@ -55,7 +54,7 @@ impl Deref for Lab {
 impl Lab {
     fn new() -> Lab {
         let world = World::new(&FLAVOUR, "runc");
-        let hooks = hooks_from_spec_fragment(RUNC_HOOKS, &world.state_dir(), &world.config());
+        let hooks = hooks_from_spec_fragment(RUNC_HOOKS, &world.state_dir(), &world.config_path());
         fs::create_dir_all(world.dir.join("runc")).expect("runc root");
         Lab {
             world,
@@ -90,15 +89,16 @@ impl Lab {
 
     /// `runc delete -f` (the process is killed, poststop releases the network).
     fn stop(&self, id: &str) {
-        let out = run(self.runc().args(["delete", "-f", id]));
+        let out = output(self.runc().args(["delete", "-f", id]));
         assert!(out.status.success(), "runc delete -f {id}: {}", text(&out));
     }
 
     /// `shim drain id --timeout t`.
     fn drain(&self, id: &str, timeout: f64) -> Output {
-        run(self
-            .shim()
-            .args(["drain", id, "--timeout", &timeout.to_string()]))
+        output(
+            self.shim()
+                .args(["drain", id, "--timeout", &timeout.to_string()]),
+        )
     }
 
     /// The target (`H address:host port`) of container `id`.
@@ -114,7 +114,7 @@ impl Lab {
     fn haproxy(&self, slots: u32) -> Haproxy {
         let bind = format!("0.0.0.0:{HAPROXY_PORT}");
         let cfg = haproxy_config(&self.dir.join("haproxy"), &bind, slots, &["web"]);
-        Haproxy::start(&self.host_ns, &self.dir.join("haproxy"), &cfg)
+        Haproxy::start(&self.host, &self.dir.join("haproxy"), &cfg)
     }
 
     /// `shim registrar` in H with `args`, its stderr in `<dir>/<log>`.
@@ -132,16 +132,14 @@ impl Lab {
 
     /// The address clients in C use for a frontend in H.
     fn front(&self, port: u16) -> SocketAddr {
-        format!("{}:{port}", self.host_addr)
-            .parse()
-            .expect("address")
+        format!("{}:{port}", self.host_ip).parse().expect("address")
     }
 
     /// Which container answered each of `n` sequential GETs through `port` (failures panic).
     fn served(&self, port: u16, n: usize) -> Vec<String> {
         let addr = self.front(port);
         (0..n)
-            .map(|_| match get_from(&self.client_ns, addr) {
+            .map(|_| match get_from(&self.client, addr) {
                 Ok((200, body)) => self.who(&body),
                 Ok((code, body)) => panic!("HTTP {code} through {addr}: {body}"),
                 Err(e) => panic!("GET through {addr}: {e}"),
@@ -188,7 +186,7 @@ impl Drop for Lab {
             self.dump_state();
         }
         for id in self.containers.borrow().iter().rev() {
-            let _ = run(self.runc().args(["delete", "-f", id]));
+            let _ = output(self.runc().args(["delete", "-f", id]));
         }
     }
 }
@@ -248,7 +246,7 @@ fn haproxy_serves_three_replicas_round_robin_then_a_new_one_and_drops_a_drained_
     let addr = lab.front(HAPROXY_PORT);
     let reached = wait_for(
         Duration::from_secs(10),
-        || matches!(get_from(&lab.client_ns, addr), Ok((200, b)) if b.contains(&page_of(&new))),
+        || matches!(get_from(&lab.client, addr), Ok((200, b)) if b.contains(&page_of(&new))),
     );
     assert!(
         reached,
@@ -311,7 +309,7 @@ fn rolling_replacement_under_load_with_drain_fails_no_request() {
         h.active("web")
     );
     let worker = h.worker();
-    let load = Load::start(&lab.client_ns, lab.front(HAPROXY_PORT), 6);
+    let load = Load::start(&lab.client, lab.front(HAPROXY_PORT), 6);
     std::thread::sleep(Duration::from_millis(300));
     let mut live: Vec<String> = old.clone();
     for (i, o) in old.iter().enumerate() {
@@ -429,7 +427,7 @@ fn haproxy_reload_and_restart_are_detected_and_reapplied() {
     assert!(wait_ready(&h, &want, Duration::from_secs(10)));
     // A reload under load: the new worker starts from the server-state file the registrar
     // keeps, so no request fails, and the registrar notices the new worker.
-    let load = Load::start(&lab.client_ns, lab.front(HAPROXY_PORT), 4);
+    let load = Load::start(&lab.client, lab.front(HAPROXY_PORT), 4);
     std::thread::sleep(Duration::from_millis(300));
     let before = h.worker();
     h.reload();
@@ -460,7 +458,7 @@ fn haproxy_reload_and_restart_are_detected_and_reapplied() {
     h.master.terminate();
     let _ = fs::remove_file(&h.state_file);
     let cfg = fs::read_to_string(&h.cfg).expect("cfg");
-    let h2 = Haproxy::start(&lab.host_ns, &lab.dir.join("haproxy"), &cfg);
+    let h2 = Haproxy::start(&lab.host, &lab.dir.join("haproxy"), &cfg);
     assert!(
         wait_ready(&h2, &want, Duration::from_secs(5)),
         "after a restart: {:?}\n{}",
@@ -487,8 +485,8 @@ fn drain_times_out_on_a_held_open_connection_and_is_idempotent() {
     let port = lab.ports()[0]["hostPort"].as_u64().expect("hostPort") as u16;
     // A client holding a connection to the replica open (half a request).
     let hold = |lab: &Lab| -> TcpStream {
-        let addr: SocketAddr = format!("{}:{port}", lab.host_addr).parse().expect("addr");
-        common::in_ns(&lab.client_ns, move || {
+        let addr: SocketAddr = format!("{}:{port}", lab.host_ip).parse().expect("addr");
+        common::in_ns(&lab.client, move || {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
             s.write_all(b"GET / HTTP/1.0\r\n").expect("write");
             s
@@ -559,7 +557,7 @@ fn nginx_sink_follows_the_ledger_with_at_most_one_reload_a_second() {
     let ups = d.join("netshim-upstreams.conf");
     let server = format!(
         "server {{ listen {}:{NGINX_PORT}; location / {{ proxy_pass http://web; }} }}",
-        lab.host_addr
+        lab.host_ip
     );
     let cfg = d.join("nginx.conf");
     fs::write(&cfg, nginx_config(&d, &ups, &server)).expect("write nginx.conf");
@@ -614,7 +612,7 @@ fn nginx_sink_follows_the_ledger_with_at_most_one_reload_a_second() {
     let addr = lab.front(NGINX_PORT);
     let seen = |lab: &Lab| -> BTreeSet<String> {
         (0..12)
-            .filter_map(|_| match get_from(&lab.client_ns, addr) {
+            .filter_map(|_| match get_from(&lab.client, addr) {
                 Ok((200, b)) => Some(lab.who(&b)),
                 _ => None,
             })
@@ -659,7 +657,7 @@ fn nginx_sink_follows_the_ledger_with_at_most_one_reload_a_second() {
         "{}",
         fs::read_to_string(&ups).unwrap_or_default()
     );
-    if let Err(e) = nginx_test(&lab.host_ns, &cfg) {
+    if let Err(e) = nginx_test(&lab.host, &cfg) {
         panic!("the include fails nginx -t: {e}");
     }
     // A check that fails keeps the old include and reloads nothing.
@@ -714,7 +712,7 @@ fn file_sd_sink_follows_the_ledger_and_prometheus_lists_it() {
         .collect();
     let want: BTreeSet<String> = ids.iter().map(|id| lab.target(id)).collect();
     let listed = |lab: &Lab| -> BTreeSet<String> {
-        let body = common::in_ns(&lab.host_ns, || {
+        let body = common::in_ns(&lab.host, || {
             let mut s = TcpStream::connect("127.0.0.1:9090").ok()?;
             s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
             s.write_all(b"GET /api/v1/targets HTTP/1.0\r\n\r\n").ok()?;
@@ -826,8 +824,8 @@ fn drain_in_host_mode_waits_for_the_host_port() {
     );
     assert!(ok, "runc run {id}: {out}");
     lab.assert_serves(18182, &id);
-    let addr: SocketAddr = format!("{}:18182", lab.host_addr).parse().expect("addr");
-    let held = common::in_ns(&lab.client_ns, move || {
+    let addr: SocketAddr = format!("{}:18182", lab.host_ip).parse().expect("addr");
+    let held = common::in_ns(&lab.client, move || {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
         s.write_all(b"GET / HTTP/1.0\r\n").expect("write");
         s

@@ -38,7 +38,6 @@ use common::{PATIENT, SHORT, mounts_under, tcp_get};
 
 const FLAVOUR: Flavour = Flavour {
     tag: "nse",
-    dir: "netshim-e2e",
     net: "172.30",
     patience: Duration::from_secs(3),
 };
@@ -68,7 +67,7 @@ impl Deref for Lab {
 impl Lab {
     fn new(source: HookSource) -> Lab {
         let world = World::new(&FLAVOUR, "runc");
-        let (state_dir, config) = (world.state_dir(), world.config());
+        let (state_dir, config) = (world.state_dir(), world.config_path());
         let hooks = match source {
             HookSource::RuncSnippet => hooks_from_spec_fragment(RUNC_HOOKS, &state_dir, &config),
             HookSource::OciHooksD => hooks_from_oci_hooks_d(&state_dir, &config),
@@ -162,7 +161,7 @@ impl Lab {
     /// An awsvpc world: `[awsvpc]` config (short ENI wait) and the VPC rig around H.
     fn vpc(&self) -> VpcNet {
         self.set_config("[awsvpc]\neni_wait_seconds = 2\ninterface_kinds = [\"veth\"]\n");
-        VpcNet::new(&self.prefix, &self.host_ns)
+        VpcNet::new(&self.prefix, &self.host)
     }
 
     /// The pid of running container `id` (from `runc state`).
@@ -194,7 +193,7 @@ impl Lab {
 
     /// `runc exec id args...`, output captured.
     fn exec(&self, id: &str, args: &[&str]) -> Output {
-        run(self.runc().arg("exec").arg(id).args(args))
+        output(self.runc().arg("exec").arg(id).args(args))
     }
 
     /// Asserts the page at `addr`:80, fetched from netns `from`, is container `name`'s.
@@ -215,7 +214,7 @@ impl Lab {
 
     /// `runc delete -f` inside H (so poststop runs in H).
     fn delete(&self, id: &str) -> Output {
-        run(self.runc().args(["delete", "-f", id]))
+        output(self.runc().args(["delete", "-f", id]))
     }
 }
 
@@ -267,7 +266,7 @@ fn two_dynamic_replicas_serve_through_their_own_host_ports() {
         assert_eq!(p["networkMode"], "bridge", "{p}");
         assert_eq!(p["protocol"], "tcp", "{p}");
         assert_eq!(p["containerPort"], 80, "{p}");
-        assert_eq!(p["targetIP"], lab.host_addr.as_str(), "{p}");
+        assert_eq!(p["targetIP"], lab.host_ip.to_string(), "{p}");
         assert_eq!(p["targetPort"], p["hostPort"], "{p}");
         let hp = u64::from(host_port(p));
         assert!(
@@ -314,7 +313,7 @@ fn static_host_port_conflict_fails_the_second_container_and_leaves_no_trace() {
     assert_eq!(ports[0]["containerId"], first.as_str());
     assert_eq!(ports[0]["hostPort"], 18080);
     assert_eq!(lab.nft_elements("map", "ports").len(), 1);
-    let second = run(lab.runc().args(["state", &lab.id("web2")]));
+    let second = output(lab.runc().args(["state", &lab.id("web2")]));
     assert!(
         !second.status.success(),
         "runc still knows the failed container"
@@ -434,7 +433,7 @@ fn two_awsvpc_tasks_serve_the_subnet_and_runc_delete_hands_their_enis_back() {
     // H keeps its default route over the link to C, so no ENI is the primary interface.
     let lab = Lab::new(HookSource::RuncSnippet);
     lab.set_config("[awsvpc]\neni_wait_seconds = 2\ninterface_kinds = [\"veth\"]\n");
-    let mut vpc = VpcNet::new(&lab.prefix, &lab.host_ns);
+    let mut vpc = VpcNet::new(&lab.prefix, &lab.host);
     let tasks = [
         ("task1", vpc.attach_eni(), "10.0.1.23"),
         ("task2", vpc.attach_eni(), "10.0.1.24"),
@@ -443,7 +442,7 @@ fn two_awsvpc_tasks_serve_the_subnet_and_runc_delete_hands_their_enis_back() {
         let (ok, out) = lab.start_awsvpc(name, &eni_annotation(eni, &format!("{addr}/24")));
         assert!(ok, "runc run {name} (awsvpc on {}): {out}", eni.mac);
         assert_eq!(
-            link_by_mac(&lab.host_ns, &eni.mac),
+            link_by_mac(&lab.host, &eni.mac),
             None,
             "{name}: the ENI {} is still in H",
             eni.name
@@ -476,7 +475,7 @@ fn two_awsvpc_tasks_serve_the_subnet_and_runc_delete_hands_their_enis_back() {
             "runc delete reports a hook error: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eni_home(&lab.host_ns, eni, &format!("after runc delete -f {name}"));
+        assert_eni_home(&lab.host, eni, &format!("after runc delete -f {name}"));
     }
     assert_eq!(lab.recorded(), Vec::<String>::new());
     assert_eq!(
@@ -516,7 +515,7 @@ fn awsvpc_ingress_rules_under_runc_admit_only_the_listed_peer() {
         "{}",
         text(&out)
     );
-    assert_eni_home(&lab.host_ns, &eni, "after runc delete -f ing1");
+    assert_eni_home(&lab.host, &eni, "after runc delete -f ing1");
 }
 
 #[test]
@@ -571,7 +570,7 @@ fn shared_eni_tasks_under_runc_get_their_own_addresses_until_none_is_free() {
         assert!(ok, "runc run {name} (shared ENI): {out}");
     }
     assert_eq!(
-        link_by_mac(&lab.host_ns, &eni.mac).as_deref(),
+        link_by_mac(&lab.host, &eni.mac).as_deref(),
         Some(eni.name.as_str()),
         "the shared ENI left H"
     );
@@ -617,12 +616,12 @@ fn shared_eni_tasks_under_runc_get_their_own_addresses_until_none_is_free() {
     }
     assert_eq!(lab.recorded(), Vec::<String>::new());
     assert_eq!(lab.links("nsa"), Vec::<String>::new(), "nsa links left");
-    let rules = ip_text(&lab.host_ns, &["rule", "show"]);
+    let rules = ip_text(&lab.host, &["rule", "show"]);
     assert!(!rules.contains("10.0.1.3"), "rules left:\n{rules}");
-    let routes = ip_text(&lab.host_ns, &["route", "show", "table", "all"]);
+    let routes = ip_text(&lab.host, &["route", "show", "table", "all"]);
     assert!(!routes.contains("10.0.1.3"), "routes left:\n{routes}");
     assert_eq!(
-        link_by_mac(&lab.host_ns, &eni.mac).as_deref(),
+        link_by_mac(&lab.host, &eni.mac).as_deref(),
         Some(eni.name.as_str()),
         "the shared ENI is gone from H"
     );
@@ -646,7 +645,7 @@ fn runc_refuses_the_primary_interface_and_an_eni_already_given() {
     let unchanged = |when: &str| {
         assert_eq!(lab.recorded(), vec![first.clone()], "{when}");
         assert_eq!(
-            link_by_mac(&lab.host_ns, &eni.mac),
+            link_by_mac(&lab.host, &eni.mac),
             None,
             "{when}: the ENI is back in H"
         );
@@ -661,7 +660,7 @@ fn runc_refuses_the_primary_interface_and_an_eni_already_given() {
 
     // H's default-route interface (its link to C).
     let primary_name = format!("{}a", lab.prefix);
-    let primary = link(&lab.host_ns, &primary_name).expect("H's primary link");
+    let primary = link(&lab.host, &primary_name).expect("H's primary link");
     let primary = Eni {
         mac: primary["address"].as_str().expect("mac").to_string(),
         name: primary_name.clone(),
@@ -674,14 +673,14 @@ fn runc_refuses_the_primary_interface_and_an_eni_already_given() {
     );
     assert!(out.contains("default route"), "{out}");
     unchanged("after refusing the primary interface");
-    let l = link(&lab.host_ns, &primary_name).expect("the primary interface left H");
+    let l = link(&lab.host, &primary_name).expect("the primary interface left H");
     assert!(
         flags(&l).contains(&"UP".to_string()),
         "primary is down: {l}"
     );
     assert_eq!(
-        addrs(&lab.host_ns, &primary_name, "-4"),
-        [format!("{}/30", lab.host_addr)]
+        addrs(&lab.host, &primary_name, "-4"),
+        [format!("{}/30", lab.host_ip)]
     );
 
     let (ok, out) = lab.start_awsvpc("ref3", &exclusive(&eni, &["10.0.1.24/24"]));
@@ -693,7 +692,7 @@ fn runc_refuses_the_primary_interface_and_an_eni_already_given() {
     unchanged("after refusing the ENI already given");
     lab.assert_page(&vpc.peer, "10.0.1.23", "ref1");
     for name in ["ref2", "ref3"] {
-        let state = run(lab.runc().args(["state", &lab.id(name)]));
+        let state = output(lab.runc().args(["state", &lab.id(name)]));
         assert!(!state.status.success(), "runc still knows {name}");
     }
 }

@@ -17,7 +17,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{SHIM, in_ns, ip, is_root, unmount_under};
+use super::{HostPair, SHIM, in_ns, ip, is_root};
 
 /// Where the shipped hook files point; tests replace it with the binary under test.
 pub const INSTALLED_SHIM: &str = "/usr/local/bin/shim";
@@ -54,7 +54,7 @@ pub fn read_json(path: &Path) -> Value {
 }
 
 /// Runs a command to completion, stdin closed, output captured.
-pub fn run(cmd: &mut Command) -> Output {
+pub fn output(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
@@ -71,7 +71,7 @@ pub fn text(out: &Output) -> String {
 
 /// Runs a command that must succeed; returns its stdout.
 pub fn must(cmd: &mut Command) -> String {
-    let out = run(cmd);
+    let out = output(cmd);
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}): {}",
@@ -298,25 +298,25 @@ pub fn hooks_from_oci_hooks_d(state_dir: &Path, config: &Path) -> Value {
 pub struct Flavour {
     /// First letters of every name (namespaces, links, containers); three letters.
     pub tag: &'static str,
-    /// The temp dir is `<dir>-<prefix>` in the system temp dir.
-    pub dir: &'static str,
     /// First two octets of the H–C link's /30s.
     pub net: &'static str,
     /// How long a page fetch retries while httpd starts.
     pub patience: Duration,
 }
 
-/// Host netns H, client netns C, a temp dir with netshim's state dir and config.
+/// A [`HostPair`] (H with a default route via C, C) for a runtime under test.
 pub struct World {
+    pub pair: HostPair,
     /// Which runtime, for messages.
     pub label: String,
-    pub prefix: String,
-    pub host_ns: String,
-    pub client_ns: String,
-    /// H's address on the H–C link: what the client connects to.
-    pub host_addr: String,
-    pub dir: PathBuf,
     patience: Duration,
+}
+
+impl std::ops::Deref for World {
+    type Target = HostPair;
+    fn deref(&self) -> &HostPair {
+        &self.pair
+    }
 }
 
 impl World {
@@ -333,62 +333,24 @@ impl World {
         );
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("{}{}x{}", f.tag, std::process::id(), n);
-        // Link and netns names are the prefix plus one letter; the kernel allows 15 characters.
-        assert!(prefix.len() < 15, "prefix {prefix} too long for link names");
-        let third = n % 250 + 1;
+        let third = (n % 250 + 1) as u8;
+        let net: Vec<u8> = f.net.split('.').filter_map(|o| o.parse().ok()).collect();
+        let addr = |last| Ipv4Addr::new(net[0], net[1], third, last);
         let w = World {
+            pair: HostPair::new(&prefix, 'c', addr(1), addr(2), true),
             label: label.to_string(),
-            host_ns: format!("{prefix}h"),
-            client_ns: format!("{prefix}c"),
-            host_addr: format!("{}.{third}.1", f.net),
-            dir: std::env::temp_dir().join(format!("{}-{prefix}", f.dir)),
-            prefix,
             patience: f.patience,
         };
-        // From here on, Drop cleans up whatever was made.
-        let _ = fs::remove_dir_all(&w.dir);
         fs::create_dir_all(w.state_dir()).expect("create temp dirs");
         let range = format!("{}-{}", DYNAMIC_RANGE.0, DYNAMIC_RANGE.1);
         w.set_config(&format!("[ports]\ndynamic_range = \"{range}\"\n"));
-
-        let (h, c) = (w.host_ns.as_str(), w.client_ns.as_str());
-        let (hv, cv) = (format!("{}a", w.prefix), format!("{}b", w.prefix));
-        let host_cidr = format!("{}/30", w.host_addr);
-        let client_addr = format!("{}.{third}.2", f.net);
-        let client_cidr = format!("{client_addr}/30");
-        ip(&["netns", "add", h]);
-        ip(&["-n", h, "link", "set", "lo", "up"]);
-        ip(&["netns", "add", c]);
-        ip(&["-n", c, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", h, "link", "add", &hv, "type", "veth", "peer", "name", &cv, "netns", c,
-        ]);
-        ip(&["-n", h, "addr", "add", &host_cidr, "dev", &hv]);
-        ip(&["-n", h, "link", "set", &hv, "up"]);
-        ip(&["-n", c, "addr", "add", &client_cidr, "dev", &cv]);
-        ip(&["-n", c, "link", "set", &cv, "up"]);
-        ip(&["-n", c, "route", "add", "default", "via", &w.host_addr]);
-        ip(&["-n", h, "route", "add", "default", "via", &client_addr]);
         w
-    }
-
-    pub fn state_dir(&self) -> PathBuf {
-        self.dir.join("state")
-    }
-
-    pub fn config(&self) -> PathBuf {
-        self.dir.join("config.toml")
-    }
-
-    /// Replaces netshim's config.
-    pub fn set_config(&self, text: &str) {
-        fs::write(self.config(), text).expect("write config");
     }
 
     /// A command run inside H (network namespace only).
     pub fn in_host(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.host_ns))
+        c.arg(format!("--net=/run/netns/{}", self.host))
             .arg("--")
             .arg(prog);
         c
@@ -398,7 +360,7 @@ impl World {
     pub fn shim(&self) -> Command {
         let mut c = self.in_host(SHIM);
         c.env("NETSHIM_STATE_DIR", self.state_dir())
-            .env("NETSHIM_CONFIG", self.config());
+            .env("NETSHIM_CONFIG", self.config_path());
         c
     }
 
@@ -492,14 +454,9 @@ impl World {
             .clone()
     }
 
-    /// Container ids of the committed records, sorted.
-    pub fn recorded(&self) -> Vec<String> {
-        super::ledger_ids(&self.state_dir())
-    }
-
     /// Links in H whose name starts with `prefix`.
     pub fn links(&self, prefix: &str) -> Vec<String> {
-        ip(&["-n", &self.host_ns, "-o", "link", "show"])
+        ip(&["-n", &self.host, "-o", "link", "show"])
             .lines()
             .filter_map(|l| l.split(": ").nth(1))
             .map(|n| n.split('@').next().unwrap_or(n).to_string())
@@ -509,9 +466,10 @@ impl World {
 
     /// Elements of an nft map or set of `ip netshim` in H; empty if the table is gone.
     pub fn nft_elements(&self, kind: &str, name: &str) -> Vec<Value> {
-        let out = run(self
-            .in_host("nft")
-            .args(["-j", "list", kind, "ip", "netshim", name]));
+        let out = output(
+            self.in_host("nft")
+                .args(["-j", "list", kind, "ip", "netshim", name]),
+        );
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(
@@ -533,10 +491,10 @@ impl World {
 
     /// GET / from C through H's address and `port`, retrying while httpd starts.
     pub fn fetch(&self, port: u16) -> Result<String, String> {
-        let addr: SocketAddr = format!("{}:{port}", self.host_addr)
+        let addr: SocketAddr = format!("{}:{port}", self.host_ip)
             .parse()
             .expect("socket address");
-        fetch_page(&self.client_ns, addr, self.patience)
+        fetch_page(&self.client, addr, self.patience)
     }
 
     /// GET / from netns `ns` to `addr`, with this world's patience.
@@ -551,11 +509,11 @@ impl World {
             Ok(r) => assert!(
                 r.contains(&page_of(name)),
                 "{label}: page through {}:{port} is not {name}'s: {r}",
-                self.host_addr
+                self.host_ip
             ),
             Err(e) => panic!(
                 "{label}: no page from {name} through {}:{port}: {e}",
-                self.host_addr
+                self.host_ip
             ),
         }
     }
@@ -568,17 +526,5 @@ impl World {
                 super::ledger_record(&self.state_dir(), &id)
             );
         }
-    }
-}
-
-impl Drop for World {
-    /// Whatever is still mounted below the temp dir (netns pins of a test that failed before
-    /// poststop, podman's shm), then the namespaces and the temp dir.
-    fn drop(&mut self) {
-        unmount_under(&self.dir);
-        for ns in [&self.client_ns, &self.host_ns] {
-            let _ = run(Command::new("ip").args(["netns", "del", ns]));
-        }
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -53,7 +53,7 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn run(cmd: &mut Command) -> Output {
+fn must_output(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
@@ -67,7 +67,7 @@ fn run(cmd: &mut Command) -> Output {
 
 /// Runs `ip args...`, which must succeed; returns its stdout.
 pub fn ip(args: &[&str]) -> String {
-    let out = run(Command::new("/usr/sbin/ip").args(args));
+    let out = must_output(Command::new("/usr/sbin/ip").args(args));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -140,72 +140,85 @@ impl Container {
     }
 }
 
-pub struct Rig {
+/// A "host" network namespace H (lo up) linked by a veth pair to a "client machine" namespace C,
+/// and a temp dir for netshim's state dir and config: what every root test builds first. Names
+/// are `prefix` plus one letter; dropping it deletes both namespaces and the temp dir.
+pub struct HostPair {
     pub prefix: String,
+    /// H, where netshim runs.
     pub host: String,
+    /// C, the client machine.
     pub client: String,
+    /// H's and C's addresses on their /30.
+    pub host_ip: Ipv4Addr,
+    pub client_ip: Ipv4Addr,
     pub dir: PathBuf,
-    pub containers: Vec<Container>,
-    pub extra_ns: Vec<String>,
 }
 
-impl Rig {
-    /// A host namespace (lo up) linked to a client namespace, a private state dir and config.
-    pub fn new(config: &str) -> Rig {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let prefix = format!("nsi{}x{n}", std::process::id() % 100_000);
-        let host = format!("{prefix}h");
-        let client = format!("{prefix}k");
-        let dir = std::env::temp_dir().join(format!("{prefix}.d"));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("temp dir");
-        let rig = Rig {
-            prefix: prefix.clone(),
-            host: host.clone(),
-            client: client.clone(),
-            dir,
-            containers: vec![],
-            extra_ns: vec![],
+impl HostPair {
+    /// H–C on `host_ip`/`client_ip` (a /30); C routes via H; with `host_default`, H routes via
+    /// C too (like a real host, whose default-route source is its load-balancer target).
+    pub fn new(
+        prefix: &str,
+        client_letter: char,
+        host_ip: Ipv4Addr,
+        client_ip: Ipv4Addr,
+        host_default: bool,
+    ) -> HostPair {
+        assert!(prefix.len() < 15, "prefix {prefix} too long for link names");
+        let p = HostPair {
+            prefix: prefix.to_string(),
+            host: format!("{prefix}h"),
+            client: format!("{prefix}{client_letter}"),
+            host_ip,
+            client_ip,
+            dir: std::env::temp_dir().join(format!("{prefix}.d")),
         };
-        fs::write(rig.config_path(), config).expect("config");
-        ip(&["netns", "add", &host]);
-        ip(&["netns", "add", &client]);
-        ip(&["-n", &host, "link", "set", "lo", "up"]);
-        ip(&["-n", &client, "link", "set", "lo", "up"]);
+        // From here on, Drop cleans up whatever was made.
+        let _ = fs::remove_dir_all(&p.dir);
+        fs::create_dir_all(&p.dir).expect("temp dir");
+        let (h, c) = (p.host.as_str(), p.client.as_str());
+        for ns in [h, c] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
         let (hv, cv) = (format!("{prefix}a"), format!("{prefix}b"));
         ip(&[
-            "-n", &host, "link", "add", &hv, "type", "veth", "peer", "name", &cv, "netns", &client,
+            "-n", h, "link", "add", &hv, "type", "veth", "peer", "name", &cv, "netns", c,
         ]);
+        ip(&["-n", h, "addr", "add", &format!("{host_ip}/30"), "dev", &hv]);
+        ip(&["-n", h, "link", "set", &hv, "up"]);
         ip(&[
             "-n",
-            &host,
+            c,
             "addr",
             "add",
-            &format!("{HOST_IP}/30"),
-            "dev",
-            &hv,
-        ]);
-        ip(&["-n", &host, "link", "set", &hv, "up"]);
-        ip(&[
-            "-n",
-            &client,
-            "addr",
-            "add",
-            &format!("{CLIENT_IP}/30"),
+            &format!("{client_ip}/30"),
             "dev",
             &cv,
         ]);
-        ip(&["-n", &client, "link", "set", &cv, "up"]);
+        ip(&["-n", c, "link", "set", &cv, "up"]);
         ip(&[
             "-n",
-            &client,
+            c,
             "route",
             "add",
             "default",
             "via",
-            &HOST_IP.to_string(),
+            &host_ip.to_string(),
         ]);
-        rig
+        if host_default {
+            ip(&[
+                "-n",
+                h,
+                "route",
+                "add",
+                "default",
+                "via",
+                &client_ip.to_string(),
+            ]);
+        }
+        p
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -214,8 +227,59 @@ impl Rig {
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("config.toml")
     }
+    /// C's end of the H–C link.
     pub fn client_link(&self) -> String {
         format!("{}b", self.prefix)
+    }
+    /// Replaces netshim's config.
+    pub fn set_config(&self, text: &str) {
+        fs::write(self.config_path(), text).expect("write config");
+    }
+    /// The ids of netshim's committed records (empty if there are none).
+    pub fn recorded(&self) -> Vec<String> {
+        ledger_ids(&self.state_dir())
+    }
+}
+
+impl Drop for HostPair {
+    fn drop(&mut self) {
+        unmount_under(&self.dir);
+        for ns in [&self.client, &self.host] {
+            let _ = Command::new("/usr/sbin/ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A [`HostPair`] with container stand-ins, running the shim directly (no runtime).
+pub struct Rig {
+    pub pair: HostPair,
+    pub containers: Vec<Container>,
+    pub extra_ns: Vec<String>,
+}
+
+impl std::ops::Deref for Rig {
+    type Target = HostPair;
+    fn deref(&self) -> &HostPair {
+        &self.pair
+    }
+}
+
+impl Rig {
+    /// H linked to C, a private state dir and `config`.
+    pub fn new(config: &str) -> Rig {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("nsi{}x{n}", std::process::id() % 100_000);
+        let rig = Rig {
+            pair: HostPair::new(&prefix, 'k', HOST_IP, CLIENT_IP, false),
+            containers: vec![],
+            extra_ns: vec![],
+        };
+        rig.set_config(config);
+        rig
     }
 
     /// A new container namespace with a process in it.
@@ -360,7 +424,9 @@ impl Rig {
 
     /// Links named like the shim's veths in the host namespace.
     pub fn veths(&self) -> Vec<String> {
-        let out = run(Command::new("/usr/sbin/ip").args(["-n", &self.host, "-o", "link", "show"]));
+        let out = must_output(
+            Command::new("/usr/sbin/ip").args(["-n", &self.host, "-o", "link", "show"]),
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.split(": ").nth(1))
@@ -383,27 +449,22 @@ impl Rig {
     }
 
     pub fn nft(&self, args: &[&str]) -> Output {
-        run(command_in(&self.host, "/usr/sbin/nft").args(args))
-    }
-
-    /// The ids of the committed records (empty if there are none).
-    pub fn recorded(&self) -> Vec<String> {
-        ledger_ids(&self.state_dir())
+        must_output(command_in(&self.host, "/usr/sbin/nft").args(args))
     }
 }
 
 impl Drop for Rig {
+    /// The containers and extra namespaces; the pair then goes by its own Drop.
     fn drop(&mut self) {
         for c in &mut self.containers {
             c.destroy();
         }
-        for ns in self.extra_ns.iter().chain([&self.client, &self.host]) {
+        for ns in &self.extra_ns {
             let _ = Command::new("/usr/sbin/ip")
                 .args(["netns", "del", ns])
                 .stderr(Stdio::null())
                 .status();
         }
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
