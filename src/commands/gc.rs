@@ -7,7 +7,7 @@ use crate::commands::hook::release;
 use crate::firewall::{self, Layout};
 use crate::kernel::netlink::{Netlink, link_name};
 use crate::kernel::netns;
-use crate::modes::{HostKernel, Kernel};
+use crate::modes::{HostKernel, Kernel, bridge};
 use crate::request::NetworkMode;
 use crate::state::{ContainerRecord, State};
 
@@ -59,6 +59,14 @@ pub fn gc(g: &Globals) -> anyhow::Result<()> {
             }
         }
     }
+    // The firewall against the ledger: a damaged table rebuilt, stray or lost elements fixed.
+    match g.load_config() {
+        Ok(cfg) => match bridge::repair_firewall(&mut k, &cfg, &state) {
+            Ok(fixed) => fixed.iter().for_each(|f| println!("{f}")),
+            Err(e) => failed.push(format!("firewall: {e:#}")),
+        },
+        Err(e) => failed.push(format!("firewall: {e:#}")),
+    }
     sd.store(&state, &lock)?;
     if !failed.is_empty() {
         bail!("gc: {}", failed.join(" | "));
@@ -101,7 +109,9 @@ pub fn reload(g: &Globals) -> anyhow::Result<()> {
     let sd = g.state();
     let _lock = sd.lock()?;
     let state = sd.load()?;
+    let table = firewall::table_name(&cfg.bridge_name);
     let layout = Layout {
+        table: &table,
         bridge: &cfg.bridge_name,
         subnet: cfg.subnet,
     };
@@ -109,7 +119,7 @@ pub fn reload(g: &Globals) -> anyhow::Result<()> {
         .containers
         .values()
         .filter(|c| c.mode == NetworkMode::Bridge);
-    HostKernel::new().nft(&layout.rebuild_script(bridged))?;
+    HostKernel::new().nft(&layout.rebuild(bridged)?)?;
     Ok(())
 }
 
@@ -130,7 +140,9 @@ pub fn reset(g: &Globals, force: bool) -> anyhow::Result<()> {
         let _ = release(&mut k, &state, rec);
     }
     state.containers.clear();
-    let _ = k.nft(&firewall::delete_table_script());
+    let _ = k.nft(&firewall::delete_table(&firewall::table_name(
+        &cfg.bridge_name,
+    )));
     k.del_link(&cfg.bridge_name)?;
     sd.store(&state, &lock)?;
     Ok(())

@@ -147,16 +147,12 @@ pub fn task_firewall(
     ingress: Option<&[IngressRule]>,
     allow_metadata: bool,
 ) -> anyhow::Result<()> {
-    let Some(script) = firewall::task_script(ingress, allow_metadata) else {
+    let Some(batch) = firewall::task_batch(ingress, allow_metadata)? else {
         return Ok(());
     };
-    netns::with_netns(ns.as_fd(), || -> anyhow::Result<()> {
-        let mut nft = Nft::new()?;
-        nft.run(&script)?;
-        Ok(())
-    })
-    .context("enter the task's netns")?
-    .context("program the task's firewall")
+    Nft::open_in(ns.as_fd())
+        .and_then(|mut n| n.apply(&batch))
+        .context("program the task's firewall")
 }
 
 /// The result of a setup: what goes into the record.

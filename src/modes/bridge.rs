@@ -13,10 +13,11 @@ use anyhow::{Context, anyhow};
 
 use crate::alloc::{self, PortPolicy, PortProbe};
 use crate::config::{Config, FALLBACK_DYNAMIC_RANGE};
-use crate::firewall::{self, Layout};
+use crate::firewall::{self, Health, Layout};
+use crate::kernel::nft::Batch;
 use crate::kernel::sysctl;
 use crate::modes::Kernel;
-use crate::request::{NetworkRequest, PortRange, Protocol};
+use crate::request::{NetworkMode, NetworkRequest, PortRange, Protocol};
 use crate::state::{ContainerRecord, PortRecord, State};
 use crate::trace;
 
@@ -93,9 +94,9 @@ pub fn plan(
 
 enum Undo {
     DelLink(String),
-    Nft(String),
+    Nft(Batch),
     /// The table was created by this run with nothing else in it.
-    DelTable,
+    DelTable(String),
 }
 
 /// Applies `plan` for container `id`; on error undoes what it did and returns the error.
@@ -117,10 +118,10 @@ pub fn apply(
                         .del_link(n)
                         .map(|_| ())
                         .map_err(|e| format!("delete link {n}: {e}")),
-                    Undo::Nft(s) => k.nft(s).map_err(|e| e.to_string()),
-                    Undo::DelTable => k
-                        .nft(&firewall::delete_table_script())
-                        .map_err(|e| e.to_string()),
+                    Undo::Nft(b) => k.nft(b).map_err(|e| e.to_string()),
+                    Undo::DelTable(t) => {
+                        k.nft(&firewall::delete_table(t)).map_err(|e| e.to_string())
+                    }
                 };
                 if let Err(m) = r {
                     failed.push(m);
@@ -196,28 +197,39 @@ fn apply_steps(
         })?;
     trace::mark("container-side");
 
-    if !plan.ports.is_empty() {
-        let add = firewall::add_elements(plan.ip, &plan.ports);
-        if let Err(first) = k.nft(&add) {
-            // Table missing (first use, or wiped by a firewall reload) or out of step with the
-            // ledger: rebuild it from the ledger plus this container, atomically.
-            let layout = Layout {
-                bridge: br,
-                subnet: cfg.subnet,
-            };
-            let empty = state.containers.values().all(|c| c.ports.is_empty());
-            let mut script = layout.rebuild_script(state.containers.values());
-            script += &add;
-            k.nft(&script)
-                .map_err(|e| anyhow!("{e} (after: {first})"))
-                .context("program port mappings")?;
-            if empty {
-                undo.push(Undo::DelTable);
-            }
+    // The table (NAT for egress, DNAT maps): checked with one rule dump, rebuilt from the ledger
+    // when missing or damaged (a firewall reload, `nft flush table`), else only this
+    // container's elements are added.
+    let table = firewall::table_name(br);
+    let layout = Layout {
+        table: &table,
+        bridge: br,
+        subnet: cfg.subnet,
+    };
+    let health = match k.nft_rule_counts(&layout.table_ref()) {
+        Ok(counts) => layout.health(counts.as_ref())?,
+        Err(e) => Health::Damaged(e.to_string()),
+    };
+    let add = firewall::add_elements(&table, plan.ip, &plan.ports);
+    let added = health == Health::Ok && k.nft(&add).is_ok();
+    if !added {
+        let others = state
+            .containers
+            .values()
+            .any(|c| c.bridge.as_deref() == Some(br));
+        let mut batch = layout.rebuild(state.containers.values())?;
+        batch.extend(add);
+        k.nft(&batch)
+            .map_err(|e| anyhow!("{e} (table was {})", describe(&health)))
+            .context("program the firewall table")?;
+        if health == Health::Missing && !others {
+            undo.push(Undo::DelTable(table.clone()));
         }
-        trace::mark("nft");
-        let del = firewall::delete_elements(&plan.ports, &|p| still_mapped(state, "", p));
-        undo.push(Undo::Nft(del.concat()));
+    }
+    trace::mark("nft");
+    if !plan.ports.is_empty() {
+        let del = firewall::delete_elements(&table, &plan.ports, &|p| still_mapped(state, "", p));
+        undo.push(Undo::Nft(firewall::concat(&del)));
         for p in plan.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
             k.flush_udp(p.host_port).with_context(|| {
                 format!("flush UDP conntrack entries for host port {}", p.host_port)
@@ -225,6 +237,59 @@ fn apply_steps(
         }
     }
     Ok(())
+}
+
+fn describe(h: &Health) -> String {
+    match h {
+        Health::Ok => "whole".into(),
+        Health::Missing => "missing".into(),
+        Health::Damaged(why) => format!("damaged: {why}"),
+    }
+}
+
+/// Makes the firewall table match the ledger (for `shim gc`): rebuilt when missing (while
+/// bridge containers need it) or damaged; otherwise map and set elements no record knows are
+/// deleted and those a record needs are added back. Returns what it fixed.
+pub fn repair_firewall(
+    k: &mut dyn Kernel,
+    cfg: &Config,
+    state: &State,
+) -> anyhow::Result<Vec<String>> {
+    let table = firewall::table_name(&cfg.bridge_name);
+    let layout = Layout {
+        table: &table,
+        bridge: &cfg.bridge_name,
+        subnet: cfg.subnet,
+    };
+    let t = layout.table_ref();
+    let bridged: Vec<&ContainerRecord> = state
+        .containers
+        .values()
+        .filter(|c| c.mode == NetworkMode::Bridge)
+        .collect();
+    let health = layout.health(k.nft_rule_counts(&t)?.as_ref())?;
+    match &health {
+        Health::Missing if bridged.is_empty() => return Ok(vec![]),
+        Health::Ok => {}
+        h => {
+            k.nft(&layout.rebuild(bridged.iter().copied())?)
+                .context("rebuild the firewall table")?;
+            return Ok(vec![format!(
+                "rebuilt firewall table {t} ({})",
+                describe(h)
+            )]);
+        }
+    }
+    let mut listed = Vec::new();
+    for s in firewall::sets() {
+        let elems = k.nft_elements(&t, &s)?;
+        listed.push((s, elems));
+    }
+    let (batch, report) = firewall::reconcile(&table, &listed, bridged);
+    if !batch.is_empty() {
+        k.nft(&batch).context("fix firewall map elements")?;
+    }
+    Ok(report)
 }
 
 /// Whether another container (not `except`) still maps `p`'s protocol and host port.
@@ -242,14 +307,16 @@ fn still_mapped(state: &State, except: &str, p: &PortRecord) -> bool {
 pub fn teardown(k: &mut dyn Kernel, state: &State, rec: &ContainerRecord) -> Vec<String> {
     let mut errors = Vec::new();
     if !rec.ports.is_empty() {
-        let dels = firewall::delete_elements(&rec.ports, &|p| still_mapped(state, &rec.id, p));
-        if k.nft(&dels.concat()).is_err() {
+        let table = firewall::table_name(rec.bridge.as_deref().unwrap_or(firewall::DEFAULT_BRIDGE));
+        let dels =
+            firewall::delete_elements(&table, &rec.ports, &|p| still_mapped(state, &rec.id, p));
+        if k.nft(&firewall::concat(&dels)).is_err() {
             // Some element or the table is already gone: delete one by one, ignoring absent ones.
             for d in &dels {
                 if let Err(e) = k.nft(d)
                     && !e.is_missing()
                 {
-                    errors.push(format!("{}: {e}", d.trim()));
+                    errors.push(e.to_string());
                 }
             }
         }
@@ -272,22 +339,26 @@ mod tests {
     use super::*;
     use crate::alloc::NoProbe;
     use crate::kernel::netlink::NlError;
-    use crate::kernel::nft::NftError;
-    use crate::request::{NetworkMode, from_annotations};
-    use std::collections::HashMap;
+    use crate::kernel::nft::fake::Tables;
+    use crate::kernel::nft::{Element, NftError, TableRef};
+    use crate::request::from_annotations;
+    use std::collections::{BTreeMap, HashMap};
     use std::io;
 
     /// Records every kernel call and fails the one named in `fail_at`.
     #[derive(Default)]
     struct Fake {
         links: Vec<String>,
-        elements: Vec<String>,
+        nft: Tables,
         calls: Vec<String>,
         fail_at: Option<&'static str>,
-        table: bool,
     }
 
     impl Fake {
+        fn elements(&self) -> Vec<String> {
+            self.nft.all_elements()
+        }
+
         fn step(&mut self, name: &'static str) -> Result<(), NlError> {
             self.calls.push(name.into());
             if self.fail_at == Some(name) {
@@ -342,32 +413,25 @@ mod tests {
             self.links.retain(|l| l != name);
             Ok(n != self.links.len())
         }
-        fn nft(&mut self, script: &str) -> Result<(), NftError> {
+        fn nft(&mut self, batch: &Batch) -> Result<(), NftError> {
             self.calls.push("nft".into());
             if self.fail_at == Some("nft") {
-                return Err(NftError {
-                    msg: "Operation not permitted".into(),
-                });
+                return Err(NftError::os(libc::EPERM, "fake"));
             }
-            for line in script.lines() {
-                if line.starts_with("add table") || line.starts_with("table ip") {
-                    self.table = true;
-                } else if line.starts_with("delete table") {
-                    self.table = false;
-                    self.elements.clear();
-                } else if let Some(rest) = line.strip_prefix("add element ") {
-                    if !self.table {
-                        return Err(NftError {
-                            msg: "No such file or directory".into(),
-                        });
-                    }
-                    self.elements.push(rest.into());
-                } else if let Some(rest) = line.strip_prefix("delete element ") {
-                    let key = rest.split(" }").next().unwrap_or("");
-                    self.elements.retain(|e| !e.starts_with(key));
-                }
-            }
-            Ok(())
+            self.nft.apply(batch)
+        }
+        fn nft_rule_counts(
+            &mut self,
+            table: &TableRef,
+        ) -> Result<Option<BTreeMap<String, usize>>, NftError> {
+            Ok(self.nft.rule_counts(table))
+        }
+        fn nft_elements(
+            &mut self,
+            table: &TableRef,
+            set: &crate::kernel::nft::Set,
+        ) -> Result<Vec<Element>, NftError> {
+            self.nft.elements(table, set)
         }
         fn flush_udp(&mut self, _: u16) -> io::Result<()> {
             self.step("flush_udp")
@@ -413,13 +477,13 @@ mod tests {
         let p = plan(&cfg, &mut st, "a", &req, &NoProbe).unwrap();
         apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
         assert!(k.links.contains(&p.veth));
-        assert_eq!(k.elements.len(), 4, "{:?}", k.elements);
+        assert_eq!(k.elements().len(), 4, "{:?}", k.elements());
         assert!(k.calls.contains(&"flush_udp".to_string()));
         let rec = record("a", &p);
         st.containers.insert("a".into(), rec.clone());
         assert!(teardown(&mut k, &st, &rec).is_empty());
         assert_eq!(k.links, vec!["netshim0".to_string()]);
-        assert!(k.elements.is_empty(), "{:?}", k.elements);
+        assert!(k.elements().is_empty(), "{:?}", k.elements());
         // Idempotent: a second teardown finds nothing and reports nothing.
         assert!(teardown(&mut k, &st, &rec).is_empty());
     }
@@ -450,9 +514,9 @@ mod tests {
             );
             assert!(k.links.is_empty(), "{step}: links left: {:?}", k.links);
             assert!(
-                k.elements.is_empty(),
+                k.elements().is_empty(),
                 "{step}: elements left: {:?}",
-                k.elements
+                k.elements()
             );
         }
     }
@@ -481,7 +545,7 @@ mod tests {
         .unwrap();
         assert!(apply(&mut k, &cfg, &st, &p2, &netns()).is_err());
         assert_eq!(k.links, vec!["netshim0".to_string(), p.veth.clone()]);
-        assert_eq!(k.elements.len(), 2);
+        assert_eq!(k.elements().len(), 2);
     }
 
     #[test]
@@ -498,8 +562,7 @@ mod tests {
         apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
         st.containers.insert("a".into(), record("a", &p));
         // A firewall reload wipes the table.
-        k.table = false;
-        k.elements.clear();
+        k.nft.tables.clear();
         let p2 = plan(
             &cfg,
             &mut st,
@@ -510,11 +573,102 @@ mod tests {
         .unwrap();
         apply(&mut k, &cfg, &st, &p2, &netns()).unwrap();
         assert_eq!(
-            k.elements.len(),
+            k.elements().len(),
             4,
             "a's mappings restored along with b's: {:?}",
-            k.elements
+            k.elements()
         );
+    }
+
+    fn host_table() -> TableRef {
+        firewall::host_table(firewall::TABLE)
+    }
+
+    #[test]
+    fn a_flushed_table_is_noticed_and_rebuilt_with_every_mapping() {
+        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::default());
+        let p = plan(
+            &cfg,
+            &mut st,
+            "a",
+            &request(r#"[{"containerPort":80}]"#),
+            &NoProbe,
+        )
+        .unwrap();
+        apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
+        st.containers.insert("a".into(), record("a", &p));
+        let whole = k.nft.rule_counts(&host_table());
+        // `nft flush table ip netshim`: rules gone, maps and their elements kept.
+        k.nft.flush(&host_table());
+        let p2 = plan(
+            &cfg,
+            &mut st,
+            "b",
+            &request(r#"[{"containerPort":80}]"#),
+            &NoProbe,
+        )
+        .unwrap();
+        apply(&mut k, &cfg, &st, &p2, &netns()).unwrap();
+        assert_eq!(k.nft.rule_counts(&host_table()), whole, "rules are back");
+        assert_eq!(k.elements().len(), 4, "{:?}", k.elements());
+    }
+
+    #[test]
+    fn a_container_without_ports_still_gets_the_table_for_egress() {
+        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::default());
+        let p = plan(&cfg, &mut st, "a", &request("[]"), &NoProbe).unwrap();
+        apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
+        let counts = k.nft.rule_counts(&host_table()).expect("table created");
+        assert_eq!(counts.get("postrouting"), Some(&3));
+        assert!(k.elements().is_empty());
+    }
+
+    #[test]
+    fn gc_repair_deletes_strays_and_rebuilds_a_damaged_table() {
+        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::default());
+        let p = plan(
+            &cfg,
+            &mut st,
+            "a",
+            &request(r#"[{"containerPort":80}]"#),
+            &NoProbe,
+        )
+        .unwrap();
+        apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
+        // A setup killed after its transaction and before its record was stored.
+        let p2 = plan(
+            &cfg,
+            &mut st,
+            "b",
+            &request(r#"[{"containerPort":81,"protocol":"udp"}]"#),
+            &NoProbe,
+        )
+        .unwrap();
+        apply(&mut k, &cfg, &st, &p2, &netns()).unwrap();
+        st.containers.insert("a".into(), record("a", &p));
+        assert_eq!(k.elements().len(), 4);
+        let fixed = repair_firewall(&mut k, &cfg, &st).unwrap();
+        assert_eq!(fixed.len(), 2, "{fixed:?}");
+        assert!(fixed.iter().all(|f| f.starts_with("deleted stray element")));
+        assert_eq!(k.elements().len(), 2, "{:?}", k.elements());
+        assert!(repair_firewall(&mut k, &cfg, &st).unwrap().is_empty());
+        // A flushed table is rebuilt, with the ledger's mappings.
+        k.nft.flush(&host_table());
+        let fixed = repair_firewall(&mut k, &cfg, &st).unwrap();
+        assert!(
+            fixed[0].contains("rebuilt firewall table ip netshim (damaged"),
+            "{fixed:?}"
+        );
+        assert_eq!(k.elements().len(), 2);
+        assert!(repair_firewall(&mut k, &cfg, &st).unwrap().is_empty());
+        // No table and no bridge container: nothing to create.
+        let mut empty = Fake::default();
+        assert!(
+            repair_firewall(&mut empty, &cfg, &State::default())
+                .unwrap()
+                .is_empty()
+        );
+        assert!(empty.nft.tables.is_empty());
     }
 
     #[test]

@@ -5,12 +5,13 @@ pub mod awsvpc;
 pub mod bridge;
 pub mod host;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
 
 use crate::kernel::netlink::{Netlink, NlError};
-use crate::kernel::nft::{Nft, NftError};
+use crate::kernel::nft::{Batch, Element, Nft, NftError, Set, TableRef};
 use crate::kernel::{conntrack, sysctl};
 
 /// What the modes need from the kernel, small enough to fake in unit tests.
@@ -48,8 +49,15 @@ pub trait Kernel {
     fn loopback_up(&mut self, netns: &File) -> Result<(), NlError>;
     /// Deletes a host link; `Ok(false)` if it was gone.
     fn del_link(&mut self, name: &str) -> Result<bool, NlError>;
-    /// One nftables transaction.
-    fn nft(&mut self, script: &str) -> Result<(), NftError>;
+    /// One nftables transaction: all of `batch` applies, or none of it.
+    fn nft(&mut self, batch: &Batch) -> Result<(), NftError>;
+    /// Rules per chain of `table` (one dump); `None` when the table does not exist.
+    fn nft_rule_counts(
+        &mut self,
+        table: &TableRef,
+    ) -> Result<Option<BTreeMap<String, usize>>, NftError>;
+    /// Every element of `set` in `table` (one dump).
+    fn nft_elements(&mut self, table: &TableRef, set: &Set) -> Result<Vec<Element>, NftError>;
     /// Drops UDP conntrack entries for a host port.
     fn flush_udp(&mut self, port: u16) -> io::Result<()>;
 }
@@ -76,6 +84,18 @@ impl HostKernel {
         self.nl
             .as_mut()
             .ok_or_else(|| NlError::Decode("netlink socket".into()))
+    }
+}
+
+impl HostKernel {
+    fn nft_socket(&mut self) -> Result<&mut Nft, NftError> {
+        if self.nft.is_none() {
+            self.nft = Some(Nft::open()?);
+        }
+        // Set just above.
+        self.nft
+            .as_mut()
+            .ok_or_else(|| NftError::os(libc::EBADF, "nftables socket"))
     }
 }
 
@@ -159,16 +179,19 @@ impl Kernel for HostKernel {
         self.nl()?.del_link(name)
     }
 
-    fn nft(&mut self, script: &str) -> Result<(), NftError> {
-        if self.nft.is_none() {
-            self.nft = Some(Nft::new().map_err(|e| NftError { msg: e.to_string() })?);
-        }
-        match self.nft.as_mut() {
-            Some(n) => n.run(script).map(|_| ()),
-            None => Err(NftError {
-                msg: "no nftables context".into(),
-            }),
-        }
+    fn nft(&mut self, batch: &Batch) -> Result<(), NftError> {
+        self.nft_socket()?.apply(batch)
+    }
+
+    fn nft_rule_counts(
+        &mut self,
+        table: &TableRef,
+    ) -> Result<Option<BTreeMap<String, usize>>, NftError> {
+        self.nft_socket()?.rule_counts(table)
+    }
+
+    fn nft_elements(&mut self, table: &TableRef, set: &Set) -> Result<Vec<Element>, NftError> {
+        self.nft_socket()?.elements(table, set)
     }
 
     fn flush_udp(&mut self, port: u16) -> io::Result<()> {
