@@ -960,4 +960,68 @@ mod tests {
         let (b, report) = reconcile("netshim", &listed, [&r]);
         assert!(b.is_empty() && report.is_empty(), "{report:?}");
     }
+
+    /// The task table (metadata block and ingress) as netlink builds it equals the nft text it
+    /// replaces, compared through `nft -j list` in two private namespaces.
+    #[test]
+    fn task_table_matches_the_nft_text_it_replaces() {
+        use crate::kernel::nft::{Nft, in_private_netns, nft_cli};
+        let strip = |s: String| -> String {
+            s.lines()
+                .map(|l| {
+                    // Handles differ; everything else must not.
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    fn norm(v: &mut serde_json::Value) {
+                        match v {
+                            serde_json::Value::Object(m) => {
+                                m.remove("handle");
+                                m.remove("metainfo");
+                                m.values_mut().for_each(norm);
+                                if let Some(serde_json::Value::Array(a)) = m.get_mut("set") {
+                                    a.sort_by_key(|x| x.to_string());
+                                }
+                            }
+                            serde_json::Value::Array(a) => a.iter_mut().for_each(norm),
+                            _ => {}
+                        }
+                    }
+                    norm(&mut v);
+                    v.to_string()
+                })
+                .collect()
+        };
+        let rules = crate::request::parse_ingress(r#"[{"protocol":"tcp","port":80,"cidr":"10.0.1.50/32"},{"protocol":"udp","portRange":"8000-8010","cidr":"fd00::/8"},{"protocol":"tcp","port":22,"cidr":"0.0.0.0/0"}]"#).unwrap();
+        let Some(ours) = in_private_netns(|| {
+            let b = task_batch(Some(&rules), false).unwrap().unwrap();
+            Nft::open().unwrap().apply(&b).unwrap();
+            // Applying again replaces the table (no duplicate rules).
+            Nft::open().unwrap().apply(&b).unwrap();
+            nft_cli(&["-j", "list", "table", "inet", TASK_TABLE], None)
+        }) else {
+            return;
+        };
+        let text = "table inet netshim_task {
+	chain output {
+		type filter hook output priority filter; policy accept;
+		ip daddr { 169.254.169.254, 100.100.100.200 } drop
+		ip6 daddr fd00:ec2::254 drop
+	}
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ct state established,related accept
+		iifname \"lo\" accept
+		ip saddr 10.0.1.50/32 tcp dport 80 accept
+		ip6 saddr fd00::/8 udp dport 8000-8010 accept
+		ip saddr 0.0.0.0/0 tcp dport 22 accept
+		ct state new drop
+	}
+}
+";
+        let old = in_private_netns(|| {
+            nft_cli(&["-f", "-"], Some(text));
+            nft_cli(&["-j", "list", "table", "inet", TASK_TABLE], None)
+        })
+        .unwrap();
+        assert_eq!(strip(ours), strip(old));
+    }
 }

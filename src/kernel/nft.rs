@@ -833,6 +833,49 @@ impl Nft {
     }
 }
 
+/// Runs `f` on a thread in a network namespace of its own, gone when the thread ends (processes
+/// it spawns share it); `None` without root, so callers skip.
+#[cfg(test)]
+pub fn in_private_netns<T: Send>(f: impl FnOnce() -> T + Send) -> Option<T> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return None;
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+            f()
+        })
+        .join()
+        .ok()
+    })
+}
+
+/// `nft ARGS` in the caller's netns; its stdout.
+#[cfg(test)]
+pub fn nft_cli(args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut c = std::process::Command::new("/usr/sbin/nft")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn nft");
+    if let Some(text) = stdin {
+        c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    }
+    drop(c.stdin.take());
+    let out = c.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -904,5 +947,113 @@ mod tests {
             "nftables: add element ip netshim ports: No such file or directory (os error 2)"
         );
         assert_eq!(NftError::os(libc::EEXIST, "x").errno, Some(libc::EEXIST));
+    }
+
+    fn mapped() -> Set {
+        Set {
+            name: "m".into(),
+            key: vec![DataType::InetProto, DataType::InetService],
+            data: Some(vec![DataType::Ipv4Addr, DataType::InetService]),
+            comment: None,
+        }
+    }
+
+    fn elem(port: u16, to: [u8; 4]) -> Element {
+        Element {
+            key: vec![Field::Proto(IPPROTO_TCP), Field::Port(port)],
+            data: Some(vec![Field::Ipv4(to.into()), Field::Port(80)]),
+        }
+    }
+
+    #[test]
+    fn the_kernel_applies_batches_atomically_and_answers_the_queries() {
+        in_private_netns(|| {
+            let mut n = Nft::open().unwrap();
+            let t = TableRef::new(Family::Ip, "nstest");
+            assert_eq!(n.rule_counts(&t).unwrap(), None, "no table yet");
+            let mut b = Batch::new();
+            b.push(Op::AddTable(t.clone()))
+                .push(Op::AddChain(
+                    t.clone(),
+                    Chain {
+                        name: "c".into(),
+                        base: None,
+                        comment: Some("a \"quoted\" comment; not syntax".into()),
+                    },
+                ))
+                .push(Op::AddSet(t.clone(), mapped()))
+                .push(Op::AddRule(
+                    t.clone(),
+                    Rule {
+                        chain: "c".into(),
+                        exprs: [l4proto(IPPROTO_TCP), vec![Expr::Counter]].concat(),
+                        comment: None,
+                    },
+                ))
+                .push(Op::AddElements(
+                    t.clone(),
+                    "m".into(),
+                    vec![elem(8080, [10, 0, 0, 2])],
+                ));
+            n.apply(&b).unwrap();
+            let counts = n.rule_counts(&t).unwrap().unwrap();
+            assert_eq!(counts.get("c"), Some(&1));
+            assert_eq!(
+                n.elements(&t, &mapped()).unwrap(),
+                vec![elem(8080, [10, 0, 0, 2])]
+            );
+            let listed = nft_cli(&["list", "table", "ip", "nstest"], None);
+            assert!(listed.contains("tcp . 8080 : 10.0.0.2 . 80"), "{listed}");
+            assert!(
+                listed.contains("comment \"a \\\"quoted\\\" comment; not syntax\""),
+                "{listed}"
+            );
+
+            // All or nothing: a good element and one for a set that does not exist.
+            let mut b = Batch::new();
+            b.push(Op::AddElements(
+                t.clone(),
+                "m".into(),
+                vec![elem(9090, [10, 0, 0, 3])],
+            ))
+            .push(Op::AddElements(
+                t.clone(),
+                "nope".into(),
+                vec![elem(1, [10, 0, 0, 4])],
+            ));
+            let e = n.apply(&b).unwrap_err();
+            assert!(e.is_missing(), "{e}");
+            assert!(e.to_string().contains("add element ip nstest nope"), "{e}");
+            assert_eq!(n.elements(&t, &mapped()).unwrap().len(), 1);
+
+            // The same key with other data exists already; deleting what is not there is missing.
+            let mut b = Batch::new();
+            b.push(Op::AddElements(
+                t.clone(),
+                "m".into(),
+                vec![elem(8080, [10, 0, 0, 9])],
+            ));
+            assert_eq!(n.apply(&b).unwrap_err().errno, Some(libc::EEXIST));
+            let mut b = Batch::new();
+            b.push(Op::DelElements(
+                t.clone(),
+                "m".into(),
+                vec![elem(7, [0, 0, 0, 0])],
+            ));
+            assert!(n.apply(&b).unwrap_err().is_missing());
+            let missing = Set {
+                name: "nope".into(),
+                ..mapped()
+            };
+            assert!(n.elements(&t, &missing).unwrap_err().is_missing());
+
+            // A flushed table: still there, no rules.
+            nft_cli(&["flush", "table", "ip", "nstest"], None);
+            assert_eq!(n.rule_counts(&t).unwrap(), Some(BTreeMap::new()));
+            let mut b = Batch::new();
+            b.push(Op::DelTable(t.clone()));
+            n.apply(&b).unwrap();
+            assert!(n.apply(&b).unwrap_err().is_missing());
+        });
     }
 }
