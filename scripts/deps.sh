@@ -2,7 +2,7 @@
 # Installs what netshim needs to build, run and test on Debian 12 (run as root). Idempotent:
 # it only calls apt-get when something is missing.
 set -euo pipefail
-pkgs=(runc crun containerd podman nftables libnftables-dev busybox-static iproute2 conntrack python3 procps)
+pkgs=(runc crun containerd podman nftables busybox-static iproute2 conntrack python3 procps)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
