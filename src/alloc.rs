@@ -7,8 +7,9 @@ use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 
-use crate::request::{HostPorts, NetworkMode, PortMapping, PortRange, Protocol};
+use crate::request::{HostPorts, PortMapping};
 use crate::state::{PortRecord, State};
+use crate::types::{NetworkMode, PortRange, Protocol};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AllocError {
@@ -316,22 +317,10 @@ mod tests {
     }
 
     fn add(state: &mut State, id: &str, recs: Vec<PortRecord>, ip: Option<Ipv4Addr>) {
-        state.containers.insert(
-            id.into(),
-            ContainerRecord {
-                id: id.into(),
-                mode: NetworkMode::Bridge,
-                service: None,
-                created: 0,
-                pid: None,
-                netns_inode: None,
-                ip,
-                veth: None,
-                bridge: None,
-                ports: recs,
-                eni: None,
-            },
-        );
+        let mut r = ContainerRecord::new(id, NetworkMode::Bridge);
+        r.ip = ip;
+        r.ports = recs;
+        state.containers.insert(id.into(), r);
     }
 
     fn alloc(

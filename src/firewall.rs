@@ -21,8 +21,9 @@ use crate::kernel::nft::{
     fib_daddr_local, ifname, ip_addr, ip_daddr_in, ip6_addr, ip6_daddr, l4proto, l4proto_in,
     nfproto,
 };
-use crate::request::{IngressRule, Protocol};
+use crate::request::IngressRule;
 use crate::state::{ContainerRecord, PortRecord};
+use crate::types::Protocol;
 
 /// The table of the default instance.
 pub const TABLE: &str = "netshim";
@@ -707,7 +708,7 @@ pub fn task_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::NetworkMode;
+    use crate::types::NetworkMode;
 
     fn rec(proto: Protocol, host: u16, hip: Option<Ipv4Addr>) -> PortRecord {
         PortRecord {
@@ -729,19 +730,11 @@ mod tests {
     }
 
     fn container(ip: Ipv4Addr, ports: Vec<PortRecord>) -> ContainerRecord {
-        ContainerRecord {
-            id: "a".into(),
-            mode: NetworkMode::Bridge,
-            service: None,
-            created: 0,
-            pid: None,
-            netns_inode: None,
-            ip: Some(ip),
-            veth: None,
-            bridge: Some("br7".into()),
-            ports,
-            eni: None,
-        }
+        let mut r = ContainerRecord::new("a", NetworkMode::Bridge);
+        r.ip = Some(ip);
+        r.bridge = Some("br7".into());
+        r.ports = ports;
+        r
     }
 
     fn elements_of(b: &Batch) -> Vec<(String, String)> {

@@ -8,9 +8,12 @@ mod kernel;
 mod metadata;
 mod modes;
 mod oci;
+mod output;
+mod reap;
 mod request;
 mod state;
 mod trace;
+mod types;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,14 +37,10 @@ struct Cli {
         global = true
     )]
     state_dir: PathBuf,
-    /// Optional TOML config file.
-    #[arg(
-        long,
-        env = "NETSHIM_CONFIG",
-        default_value = "/etc/netshim/config.toml",
-        global = true
-    )]
-    config: PathBuf,
+    /// TOML config file [default: /etc/netshim/config.toml, optional there; a path named here
+    /// must exist].
+    #[arg(long, env = "NETSHIM_CONFIG", global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -86,18 +85,35 @@ enum PortsCmd {
     },
 }
 
+/// A command line clap refuses. As a hook, the runtime logs one line: a `shim:` line naming
+/// the problem (after draining stdin, so a misregistered hook reports its usage error instead of
+/// killing the runtime with SIGPIPE). Elsewhere clap's full text.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let hook =
+        std::env::args().nth(1).as_deref() == Some("hook") || std::env::args().any(|a| a == "hook");
+    if !hook || matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit()
+    }
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("bad arguments")
+        .trim_start_matches("error: ");
+    eprintln!(
+        "shim: hook: {}: register it as [\"shim\", \"hook\", \"createRuntime\"] (or prestart, poststop)",
+        output::escape_controls(first)
+    );
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     trace::init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            // A runtime writes the OCI state to a hook's stdin: drain it, so a misregistered hook
-            // reports its usage error instead of killing the runtime with SIGPIPE.
-            if std::env::args().any(|a| a == "hook") {
-                let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-            }
-            e.exit()
-        }
+        Err(e) => return usage_error(e),
     };
     let g = Globals {
         state_dir: cli.state_dir,
@@ -122,7 +138,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: "shim: <what failed>: <why>".
             let msg = format!("{e:#}").replace('\n', " ");
-            eprintln!("shim: {msg}");
+            eprintln!("shim: {}", output::escape_controls(&msg));
             ExitCode::FAILURE
         }
     }

@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow, bail};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use crate::config::{AwsvpcConfig, MetadataLayout};
-use crate::request::mac_string;
+use crate::types::MacAddr;
 
 /// What the metadata service says about one ENI.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,20 +77,17 @@ fn get(endpoint: &str, path: &str, token: Option<&str>) -> anyhow::Result<Option
     })
 }
 
-fn unknown(mac: &[u8; 6], endpoint: &str) -> anyhow::Error {
+fn unknown(mac: &MacAddr, endpoint: &str) -> anyhow::Error {
     anyhow!(
         "instance metadata at {endpoint} has no interface with MAC {}: is the ENI attached to this instance?",
-        mac_string(mac)
+        mac
     )
 }
 
 /// Looks an ENI up by MAC.
-pub fn lookup(cfg: &AwsvpcConfig, mac: &[u8; 6]) -> anyhow::Result<EniFacts> {
+pub fn lookup(cfg: &AwsvpcConfig, mac: &MacAddr) -> anyhow::Result<EniFacts> {
     let ep = cfg.metadata_endpoint.as_str();
-    let base = format!(
-        "/latest/meta-data/network/interfaces/macs/{}/",
-        mac_string(mac)
-    );
+    let base = format!("/latest/meta-data/network/interfaces/macs/{}/", mac);
     match cfg.metadata_layout {
         MetadataLayout::Aws => {
             // IMDSv2 first; an endpoint without tokens (IMDSv1) is used without one.
@@ -108,10 +105,7 @@ pub fn lookup(cfg: &AwsvpcConfig, mac: &[u8; 6]) -> anyhow::Result<EniFacts> {
                 get(ep, &(base.clone() + "local-ipv4s"), t)?.ok_or_else(|| unknown(mac, ep))?;
             let cidr =
                 get(ep, &(base.clone() + "subnet-ipv4-cidr-block"), t)?.ok_or_else(|| {
-                    anyhow!(
-                        "instance metadata: no subnet-ipv4-cidr-block for {}",
-                        mac_string(mac)
-                    )
+                    anyhow!("instance metadata: no subnet-ipv4-cidr-block for {}", mac)
                 })?;
             let subnet: Ipv4Network = cidr
                 .trim()

@@ -12,6 +12,8 @@ use serde::Deserialize;
 pub struct OciState {
     pub id: String,
     #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
     pub pid: Option<i64>,
     #[serde(default)]
     pub bundle: Option<PathBuf>,
@@ -23,8 +25,11 @@ impl OciState {
     pub fn parse(text: &str) -> anyhow::Result<OciState> {
         let st: OciState = serde_json::from_str(text)
             .context("OCI state on stdin is not valid JSON (a runtime passes it to hooks; run this as an OCI hook)")?;
-        if st.id.is_empty() || st.id.len() > 1024 || st.id.contains(['/', '\0', '\n']) {
-            bail!("OCI state: container id {:?} is not usable", st.id);
+        if !valid_id(&st.id) {
+            bail!(
+                "OCI state: container id {} is not a container id: use 1-1024 letters, digits, '_', '+', '.' or '-' (what runc, crun, containerd and podman accept)",
+                crate::request::quote(&st.id)
+            );
         }
         Ok(st)
     }
@@ -35,6 +40,18 @@ impl OciState {
             .filter(|p| *p > 0 && *p <= i64::from(i32::MAX))
             .map(|p| p as i32)
     }
+}
+
+/// Whether `id` is a container id as the runtimes make them (`[A-Za-z0-9_+.-]`, not `.` or
+/// `..`): safe as a file name and in every output.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 1024
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'+' | b'.' | b'-'))
 }
 
 /// Annotations from the bundle's `config.json` (the fallback when the state has none).
@@ -75,6 +92,12 @@ mod tests {
                 .to_string()
                 .contains("not valid JSON")
         );
-        assert!(OciState::parse(r#"{"id":"../x"}"#).is_err());
+        for bad in ["../x", "a b", "x\u{1b}[2J", "x\u{9b}", "..", ""] {
+            let st = serde_json::json!({ "id": bad }).to_string();
+            let e = OciState::parse(&st).unwrap_err().to_string();
+            assert!(e.contains("is not a container id"), "{bad:?}: {e}");
+            assert!(!e.chars().any(char::is_control), "{e:?}");
+        }
+        assert!(OciState::parse(r#"{"id":"web.1_a+b-c"}"#).is_ok());
     }
 }

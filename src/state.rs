@@ -8,24 +8,27 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use serde::{Deserialize, Serialize};
 
-use crate::request::{NetworkMode, Protocol};
+use crate::types::{Attachment, MacAddr, NetworkMode, Protocol};
 
 /// Version of the state file format; a newer file is refused rather than misread.
 pub const STATE_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("state dir {path}: {source}")]
-    Dir { path: String, source: io::Error },
-    #[error("state lock {path}: {source}")]
-    Lock { path: String, source: io::Error },
+    #[error("state dir {path}: {cause}")]
+    Dir { path: String, cause: io::Error },
+    #[error("state lock {path}: {cause}")]
+    Lock { path: String, cause: io::Error },
     #[error(
         "state file {path} is corrupt ({msg}): it was left untouched; move it aside after checking what is running, or run `shim gc` once it is repaired"
     )]
@@ -34,8 +37,16 @@ pub enum StateError {
         "state file {path} has version {found}, this shim understands {STATE_VERSION}: use the shim that wrote it"
     )]
     Version { path: String, found: u32 },
-    #[error("state file {path}: {source}")]
-    Io { path: String, source: io::Error },
+    #[error("state file {path}: {cause}")]
+    Io { path: String, cause: io::Error },
+    #[error(
+        "the netshim lock {path} is held by {holder}, who did not release it within {waited:.1}s: is a hook or `shim gc` stuck? (hook.lock_timeout_seconds sets the wait)"
+    )]
+    Busy {
+        path: String,
+        holder: String,
+        waited: f64,
+    },
 }
 
 /// One host port held by a container.
@@ -71,6 +82,9 @@ pub struct ContainerRecord {
     pub netns_inode: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<Ipv4Addr>,
+    /// awsvpc: the task's first IPv6 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     /// Host end of the veth pair.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub veth: Option<String>,
@@ -84,14 +98,34 @@ pub struct ContainerRecord {
     pub eni: Option<EniRecord>,
 }
 
+impl ContainerRecord {
+    /// A record with nothing allocated yet.
+    pub fn new(id: &str, mode: NetworkMode) -> Self {
+        ContainerRecord {
+            id: id.to_string(),
+            mode,
+            service: None,
+            created: 0,
+            pid: None,
+            netns_inode: None,
+            ip: None,
+            ip6: None,
+            veth: None,
+            bridge: None,
+            ports: Vec::new(),
+            eni: None,
+        }
+    }
+}
+
 /// What an awsvpc setup did with the task's ENI, enough to hand it back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EniRecord {
-    pub mac: String,
-    /// The interface's name on the host before the task took it.
+    pub mac: MacAddr,
+    /// The interface's name on the host before the task took it (branch: the trunk's name).
     pub name: String,
-    pub attachment: crate::request::Attachment,
+    pub attachment: Attachment,
     /// Exclusive: the bind mount keeping the task's netns alive until poststop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns_pin: Option<PathBuf>,
@@ -104,6 +138,32 @@ pub struct EniRecord {
     pub subnet: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<Ipv4Addr>,
+    /// Exclusive: the interface's MTU before the task took it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Branch: the trunk's MAC and the VLAN id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trunk: Option<MacAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+}
+
+impl Default for EniRecord {
+    fn default() -> Self {
+        EniRecord {
+            mac: MacAddr([0; 6]),
+            name: String::new(),
+            attachment: Attachment::Exclusive,
+            netns_pin: None,
+            veth: None,
+            table: None,
+            subnet: None,
+            gateway: None,
+            mtu: None,
+            trunk: None,
+            vlan: None,
+        }
+    }
 }
 
 /// Next-fit cursors: where the last allocation ended.
@@ -174,7 +234,16 @@ pub struct StateDir {
 
 /// The global writer lock; released on drop (and by the kernel if the process dies).
 pub struct Lock {
-    _file: File,
+    _file: Flock<File>,
+}
+
+/// "pid N" of the lock's holder, as it wrote itself into the lock file.
+fn holder(path: &Path) -> String {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .map(|p| format!("pid {p}"))
+        .unwrap_or_else(|| "another process".into())
 }
 
 impl StateDir {
@@ -188,9 +257,9 @@ impl StateDir {
 
     /// Creates the directory 0700 (and tightens an existing one).
     pub fn ensure(&self) -> Result<(), StateError> {
-        let err = |source| StateError::Dir {
+        let err = |cause| StateError::Dir {
             path: self.dir.display().to_string(),
-            source,
+            cause,
         };
         match fs::DirBuilder::new()
             .recursive(true)
@@ -207,33 +276,61 @@ impl StateDir {
         Ok(())
     }
 
-    /// Takes the global lock (blocking): one writer at a time, across all modes.
+    /// Takes the global lock, waiting as long as it takes (maintenance commands).
     pub fn lock(&self) -> Result<Lock, StateError> {
+        self.lock_within(Duration::MAX)
+    }
+
+    /// Takes the global lock: one writer at a time, across all modes. After a second of waiting
+    /// it says who holds it; after `timeout` it gives up with an error naming the holder, so a
+    /// hook ends before the runtime's own hook timeout kills it.
+    pub fn lock_within(&self, timeout: Duration) -> Result<Lock, StateError> {
         self.ensure()?;
         let path = self.dir.join("lock");
-        let err = |source| StateError::Lock {
+        let err = |cause| StateError::Lock {
             path: path.display().to_string(),
-            source,
+            cause,
         };
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(err)?;
+        let start = Instant::now();
+        let mut said = false;
         loop {
-            // SAFETY: flock on a file descriptor we own.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                break;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(held) => {
+                    // Who holds it, for anyone who has to wait.
+                    let me = format!("{}\n", std::process::id());
+                    let _ = held.set_len(0);
+                    let _ = held.write_at(me.as_bytes(), 0);
+                    return Ok(Lock { _file: held });
+                }
+                Err((f, Errno::EWOULDBLOCK)) | Err((f, Errno::EINTR)) => file = f,
+                Err((_, e)) => return Err(err(io::Error::from(e))),
             }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(err(e));
+            let waited = start.elapsed();
+            if waited >= timeout {
+                return Err(StateError::Busy {
+                    path: path.display().to_string(),
+                    holder: holder(&path),
+                    waited: waited.as_secs_f64(),
+                });
             }
+            if !said && waited >= Duration::from_secs(1) {
+                said = true;
+                eprintln!(
+                    "shim: waiting for the netshim lock held by {}",
+                    holder(&path)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(Lock { _file: file })
     }
 
     /// Reads the ledger; a missing file is an empty ledger. No lock needed: files are replaced
@@ -243,9 +340,9 @@ impl StateDir {
         match fs::read(&path) {
             Ok(bytes) => State::from_bytes(&path, &bytes),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
-            Err(source) => Err(StateError::Io {
+            Err(cause) => Err(StateError::Io {
                 path: path.display().to_string(),
-                source,
+                cause,
             }),
         }
     }
@@ -254,9 +351,9 @@ impl StateDir {
     pub fn store(&self, state: &State, _lock: &Lock) -> Result<(), StateError> {
         let path = self.state_path();
         let tmp = self.dir.join(".state.json.tmp");
-        let err = |source| StateError::Io {
+        let err = |cause| StateError::Io {
             path: path.display().to_string(),
-            source,
+            cause,
         };
         let bytes = serde_json::to_vec(state).map_err(|e| err(io::Error::other(e)))?;
         let mut f = OpenOptions::new()
@@ -296,6 +393,7 @@ mod tests {
             pid: Some(42),
             netns_inode: Some(7),
             ip: Some(Ipv4Addr::new(10, 213, 0, 2)),
+            ip6: None,
             veth: Some("nshabc".into()),
             bridge: Some("netshim0".into()),
             ports: vec![PortRecord {

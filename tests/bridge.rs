@@ -475,24 +475,46 @@ fn gc_releases_containers_whose_process_is_gone() {
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup a");
     must_succeed(&rig.setup(b, r#"[{"containerPort":80}]"#), "setup b");
     rig.containers[a].destroy();
-    // A veth left by a hook killed before it recorded anything.
+    // A veth left by a hook killed before it recorded anything: created on the bridge, as the
+    // hook creates them (one message).
     ip(&[
         "-n",
         &rig.host,
         "link",
         "add",
         "nsh0badcafe",
+        "master",
+        "netshim0",
         "type",
         "veth",
         "peer",
         "name",
         "nshpeer0x",
     ]);
+    // A link with netshim's name shape that is not on this instance's bridge (another
+    // instance's, or someone else's) is never swept.
+    ip(&[
+        "-n",
+        &rig.host,
+        "link",
+        "add",
+        "nsh0000beef",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "nshpeer1x",
+    ]);
     must_succeed(&rig.shim(&["gc"], ""), "gc");
     assert!(
         !rig.veths().contains(&"nsh0badcafe".to_string()),
         "stray veth kept"
     );
+    assert!(
+        rig.veths().contains(&"nsh0000beef".to_string()),
+        "a veth not on this bridge was swept"
+    );
+    ip(&["-n", &rig.host, "link", "del", "nsh0000beef"]);
     assert_eq!(rig.recorded(), vec![rig.containers[b].id.clone()]);
     assert_eq!(rig.veths().len(), 1);
     assert_eq!(rig.nft_elements().lines().count(), 1);

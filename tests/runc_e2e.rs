@@ -161,7 +161,7 @@ impl Lab {
 
     /// An awsvpc world: `[awsvpc]` config (short ENI wait) and the VPC rig around H.
     fn vpc(&self) -> VpcNet {
-        self.set_config("[awsvpc]\neni_wait_seconds = 2\n");
+        self.set_config("[awsvpc]\neni_wait_seconds = 2\ninterface_kinds = [\"veth\"]\n");
         VpcNet::new(&self.prefix, &self.host_ns)
     }
 
@@ -426,7 +426,7 @@ fn none_mode_container_has_only_loopback_up() {
 fn two_awsvpc_tasks_serve_the_subnet_and_runc_delete_hands_their_enis_back() {
     // H keeps its default route over the link to C, so no ENI is the primary interface.
     let lab = Lab::new(HookSource::RuncSnippet);
-    lab.set_config("[awsvpc]\neni_wait_seconds = 2\n");
+    lab.set_config("[awsvpc]\neni_wait_seconds = 2\ninterface_kinds = [\"veth\"]\n");
     let mut vpc = VpcNet::new(&lab.prefix, &lab.host_ns);
     let tasks = [
         ("task1", vpc.attach_eni(), "10.0.1.23"),

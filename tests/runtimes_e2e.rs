@@ -888,7 +888,7 @@ fn awsvpc_task_serves_the_subnet_and_hands_its_eni_back(rt: Rt) {
         // crun's mount namespace: it must outlive `crun run` (see `hold_crun_mount_ns`).
         lab.hold_crun_mount_ns();
     }
-    lab.set_config("[awsvpc]\neni_wait_seconds = 2\n");
+    lab.set_config("[awsvpc]\neni_wait_seconds = 2\ninterface_kinds = [\"veth\"]\n");
     let mut vpc = VpcNet::new(&lab.prefix, &lab.host_ns);
     let eni = vpc.attach_eni();
     let (c, ok, out) = lab.start_awsvpc("task1", &eni_annotation(&eni, "10.0.1.23/24"));

@@ -3,110 +3,54 @@
 use anyhow::bail;
 
 use crate::commands::Globals;
-use crate::commands::hook::release;
 use crate::firewall::{self, Layout};
-use crate::kernel::netlink::{Netlink, link_name};
-use crate::kernel::netns;
-use crate::modes::{HostKernel, Kernel, bridge};
-use crate::request::NetworkMode;
-use crate::state::{ContainerRecord, State};
+use crate::kernel::{HostKernel, Kernel};
+use crate::modes;
+use crate::reap;
+use crate::types::NetworkMode;
 
-/// Whether the container's process still holds the netns recorded at setup.
-pub fn alive(rec: &ContainerRecord) -> bool {
-    match (rec.pid, rec.netns_inode) {
-        (Some(pid), Some(ino)) => netns::open_pid(pid)
-            .and_then(|f| netns::inode(&f))
-            .map(|i| i == ino)
-            .unwrap_or(false),
-        _ => false,
-    }
-}
-
-/// Releases every container whose process is gone (missed poststop, crash).
+/// Releases every container whose process is gone, and deletes this instance's links no record
+/// knows. Says what it did, one line each.
 pub fn gc(g: &Globals) -> anyhow::Result<()> {
-    let sd = g.state();
+    let sd = g.state()?;
     if !sd.state_path().exists() {
         return Ok(());
     }
+    let cfg = g.load_config()?;
     let lock = sd.lock()?;
     let mut state = sd.load()?;
     let mut k = HostKernel::new();
-    let (released, mut failed) = reap_dead(&mut k, &mut state);
-    for id in released {
-        println!("released {id}");
+    let reaped = reap::reap_dead(&mut k, &mut state);
+    for id in &reaped.released {
+        println!("released {}", crate::output::escape_controls(id));
     }
-    // Host veth ends no record knows (a hook killed between creating and recording them).
-    let known: Vec<&str> = state
-        .containers
-        .values()
-        .flat_map(|c| {
-            [
-                c.veth.as_deref(),
-                c.eni.as_ref().and_then(|e| e.veth.as_deref()),
-            ]
-        })
-        .flatten()
+    let mut failed: Vec<String> = reaped
+        .failed
+        .iter()
+        .map(|(id, e)| format!("{}: {e}", crate::output::escape_controls(id)))
         .collect();
-    let mut nl = Netlink::open()?;
-    for l in nl.links()? {
-        if let Some(name) = link_name(&l)
-            && is_ours(&name)
-            && !known.contains(&name.as_str())
-        {
-            match nl.del_link(&name) {
-                Ok(_) => println!("deleted stray link {name}"),
-                Err(e) => failed.push(format!("stray link {name}: {e}")),
-            }
+    for name in reap::stray_links(&mut k, &cfg, &state)? {
+        match k.del_link(&name) {
+            Ok(_) => println!("deleted stray link {name}"),
+            Err(e) => failed.push(format!("stray link {name}: {e}")),
         }
     }
     // The firewall against the ledger: a damaged table rebuilt, stray or lost elements fixed.
-    match g.load_config() {
-        Ok(cfg) => match bridge::repair_firewall(&mut k, &cfg, &state) {
-            Ok(fixed) => fixed.iter().for_each(|f| println!("{f}")),
-            Err(e) => failed.push(format!("firewall: {e:#}")),
-        },
+    match modes::bridge::repair_firewall(&mut k, &cfg, &state) {
+        Ok(fixed) => fixed.iter().for_each(|f| println!("{f}")),
         Err(e) => failed.push(format!("firewall: {e:#}")),
     }
     sd.store(&state, &lock)?;
     if !failed.is_empty() {
-        bail!("gc: {}", failed.join(" | "));
+        bail!("gc: {}", failed.join("; "));
     }
     Ok(())
-}
-
-/// Names netshim gives host veth ends: `nsh` (bridge) or `nsa` (shared ENI) + 8 hex digits.
-fn is_ours(name: &str) -> bool {
-    name.len() == 11
-        && (name.starts_with("nsh") || name.starts_with("nsa"))
-        && name[3..].bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// Releases every record whose process is gone and drops it from `state`. Returns the released
-/// ids and the failures; a record whose release fails stays, for a later run.
-pub fn reap_dead(k: &mut dyn Kernel, state: &mut State) -> (Vec<String>, Vec<String>) {
-    let dead: Vec<ContainerRecord> = state
-        .containers
-        .values()
-        .filter(|r| !alive(r))
-        .cloned()
-        .collect();
-    let (mut released, mut failed) = (Vec::new(), Vec::new());
-    for rec in &dead {
-        let errs = release(k, state, rec);
-        if errs.is_empty() {
-            state.containers.remove(&rec.id);
-            released.push(rec.id.clone());
-        } else {
-            failed.push(format!("{}: {}", rec.id, errs.join("; ")));
-        }
-    }
-    (released, failed)
 }
 
 /// Re-applies the firewall from the state (after a firewall reload wiped it).
 pub fn reload(g: &Globals) -> anyhow::Result<()> {
     let cfg = g.load_config()?;
-    let sd = g.state();
+    let sd = g.state()?;
     let _lock = sd.lock()?;
     let state = sd.load()?;
     let table = firewall::table_name(&cfg.bridge_name);
@@ -126,7 +70,7 @@ pub fn reload(g: &Globals) -> anyhow::Result<()> {
 /// Removes the bridge and the firewall table; refuses while containers are recorded unless forced.
 pub fn reset(g: &Globals, force: bool) -> anyhow::Result<()> {
     let cfg = g.load_config()?;
-    let sd = g.state();
+    let sd = g.state()?;
     let lock = sd.lock()?;
     let mut state = sd.load()?;
     if !state.containers.is_empty() && !force {
@@ -136,14 +80,39 @@ pub fn reset(g: &Globals, force: bool) -> anyhow::Result<()> {
         );
     }
     let mut k = HostKernel::new();
+    let mut failed = Vec::new();
     for rec in state.containers.values() {
-        let _ = release(&mut k, &state, rec);
+        if let Err(e) = modes::release(&mut k, &state, rec) {
+            failed.push(format!("{}: {e}", crate::output::escape_controls(&rec.id)));
+        }
     }
     state.containers.clear();
-    let _ = k.nft(&firewall::delete_table(&firewall::table_name(
-        &cfg.bridge_name,
-    )));
-    k.del_link(&cfg.bridge_name)?;
+    let table = firewall::table_name(&cfg.bridge_name);
+    if let Err(e) = k.nft(&firewall::delete_table(&table))
+        && !e.is_missing()
+    {
+        failed.push(format!("delete table {table}: {e}"));
+    }
+    // Only netshim's own bridge: a link of that name that is not it is left alone.
+    match k.link(&cfg.bridge_name)? {
+        Some(l)
+            if l.kind.as_deref() == Some("bridge")
+                && l.mac == Some(modes::bridge::bridge_mac(&cfg.bridge_name)) =>
+        {
+            k.del_link(&cfg.bridge_name)?;
+        }
+        Some(_) => failed.push(format!(
+            "{} is not netshim's bridge: left alone",
+            cfg.bridge_name
+        )),
+        None => {}
+    }
     sd.store(&state, &lock)?;
+    if !failed.is_empty() {
+        bail!(
+            "reset: {} (the ledger is cleared; what is listed is left in the kernel)",
+            failed.join("; ")
+        );
+    }
     Ok(())
 }

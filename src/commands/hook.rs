@@ -1,23 +1,30 @@
 //! `shim hook <stage>`: the OCI hook. Setup in createRuntime/prestart, teardown in poststop.
+//!
+//! Setup, step by step: [`read_request`] (stdin and annotations, validated) → [`open_netns`]
+//! (the container's network namespace, of the right kind for the mode) → [`prepare_eni`]
+//! (metadata and the wait for the ENI, before the lock) → lock → [`settle_earlier`] (a re-run,
+//! or an earlier container of the same id) → [`plan_and_apply`] (with one retry after reaping
+//! dead holders) → persist, or release everything on failure.
 
+use std::collections::HashMap;
+use std::fs::File;
 use std::io::Read;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
 
-use std::fs::File;
-
-use crate::commands::{Globals, gc};
+use crate::commands::Globals;
 use crate::config::Config;
-use crate::kernel::netns;
-use crate::kernel::probe::BindProbe;
-use crate::modes::{HostKernel, Kernel, awsvpc, bridge, host};
+use crate::kernel::{HostKernel, Kernel, netns};
+use crate::modes::{self, ModeFields, SetupCtx, awsvpc, with_rollback};
 use crate::oci::{self, OciState};
-use crate::request::{self, EniSpec, NetworkMode, NetworkRequest};
-use crate::state::{ContainerRecord, State};
+use crate::reap;
+use crate::request::{self, EniSpec, NetworkRequest};
+use crate::state::{ContainerRecord, Lock, State, StateDir};
 use crate::trace;
+use crate::types::NetworkMode;
 
-/// Hook stages netshim acts on; other stages are accepted and ignored.
+/// Hook stages netshim acts on; the others are accepted and ignored (see docs/runtimes.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Stage {
     #[value(name = "createRuntime")]
@@ -48,9 +55,9 @@ pub fn run(g: &Globals, stage: Stage) -> anyhow::Result<()> {
 }
 
 /// The annotations of the request: the state's, falling back to the bundle's config.json.
-fn annotations(st: &OciState) -> anyhow::Result<std::collections::HashMap<String, String>> {
+fn annotations(st: &OciState) -> anyhow::Result<HashMap<String, String>> {
     if let Some(a) = &st.annotations
-        && a.contains_key(request::MODE)
+        && a.keys().any(|k| k.starts_with(request::PREFIX))
     {
         return Ok(a.clone());
     }
@@ -60,194 +67,223 @@ fn annotations(st: &OciState) -> anyhow::Result<std::collections::HashMap<String
     }
 }
 
-fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
+/// Step 1: the validated request; `None` when the container asks nothing of netshim.
+fn read_request(st: &OciState) -> anyhow::Result<Option<NetworkRequest>> {
     let ann = annotations(st)?;
-    let Some(req) = request::from_annotations(&ann)? else {
-        return Ok(());
-    };
-    let cfg = g.load_config()?;
+    request::from_annotations(&ann).with_context(|| format!("container {}", st.id))
+}
+
+/// The container's network namespace as setup found it.
+struct Netns {
+    file: File,
+    inode: u64,
+    pid: i32,
+}
+
+/// Step 2: opens the container's netns from its pid and checks it suits the mode.
+fn open_netns(st: &OciState, stage_hint: &str, mode: NetworkMode) -> anyhow::Result<Netns> {
+    let id = &st.id;
     let pid = st.host_pid().ok_or_else(|| {
-        anyhow!("container {}: the OCI state has no pid: register netshim as a createRuntime or prestart hook", st.id)
+        anyhow!(
+            "container {id}: the OCI state has no pid{stage_hint}: register netshim as a createRuntime or prestart hook"
+        )
     })?;
-    let ns = netns::open_pid(pid).map_err(|e| {
-        anyhow!("container {}: pid {pid}: cannot open its network namespace ({e}): is the container process running?", st.id)
+    let file = netns::open_pid(pid).map_err(|e| {
+        anyhow!("container {id}: pid {pid}: cannot open its network namespace ({e}): is the container process running?")
     })?;
-    let inode = netns::inode(&ns).context("stat the container's netns")?;
+    let inode = netns::inode(&file).context("stat the container's netns")?;
     let shares_host = netns::self_inode().ok() == Some(inode);
-    match (req.mode, shares_host) {
-        (NetworkMode::Host, false) => bail!(
-            "container {}: host mode needs the host's network namespace, but the container has one of its own: remove {{\"type\": \"network\"}} from linux.namespaces in config.json (podman: --network host)",
-            st.id
+    match (mode.own_netns(), shares_host) {
+        (false, false) => bail!(
+            "container {id}: host mode needs the host's network namespace, but the container has one of its own: remove {{\"type\": \"network\"}} from linux.namespaces in config.json (podman: --network host)"
         ),
-        (NetworkMode::Bridge | NetworkMode::None | NetworkMode::Awsvpc, true) => bail!(
-            "container {}: {} mode needs a network namespace of its own, but the container shares the host's: add {{\"type\": \"network\"}} to linux.namespaces in config.json",
-            st.id,
-            req.mode
+        (true, true) => bail!(
+            "container {id}: {mode} mode needs a network namespace of its own, but the container shares the host's: add {{\"type\": \"network\"}} to linux.namespaces in config.json (podman: --network none)"
         ),
         _ => {}
     }
+    Ok(Netns { file, inode, pid })
+}
 
-    // An ENI given by MAC alone is looked up before the lock: no network wait inside it.
-    let eni = match &req.eni {
-        Some(e) => Some(
-            awsvpc::resolve(&cfg.awsvpc, e.clone())
-                .with_context(|| format!("awsvpc setup for container {}", st.id))?,
-        ),
-        None => None,
+/// Step 3: an ENI given by MAC alone is completed from instance metadata, and setup waits for
+/// its interface to appear — both before the lock, so a slow metadata service or a bogus MAC
+/// stalls only this container.
+fn prepare_eni(
+    k: &mut dyn Kernel,
+    cfg: &Config,
+    st: &OciState,
+    req: &NetworkRequest,
+    sd: &StateDir,
+    ns: &Netns,
+) -> anyhow::Result<Option<EniSpec>> {
+    let Some(e) = &req.eni else {
+        return Ok(None);
     };
+    let what = || format!("awsvpc setup for container {}", st.id);
+    let eni = awsvpc::resolve(&cfg.awsvpc, e.clone()).with_context(what)?;
+    // A quick look at the ledger (no lock): an ENI another task holds will not appear on the
+    // host, so say so now rather than after the whole wait. The check under the lock decides.
+    if let Ok(state) = sd.load() {
+        if state
+            .containers
+            .get(&st.id)
+            .is_some_and(|r| r.netns_inode == Some(ns.inode) && r.pid == Some(ns.pid))
+        {
+            // Set up already (prestart and createRuntime both registered): its ENI is in the
+            // task, not on the host; the check under the lock ends this run.
+            return Ok(Some(eni));
+        }
+        let f = SetupCtx {
+            cfg,
+            state_dir: &sd.dir,
+            id: &st.id,
+            req,
+            eni: Some(&eni),
+            ns: &File::open("/dev/null")?,
+            pid: 0,
+        };
+        awsvpc::precheck(&f, &state).with_context(what)?;
+    }
+    awsvpc::wait_for(k, &cfg.awsvpc, &eni).with_context(what)?;
+    Ok(Some(eni))
+}
+
+fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
+    let Some(req) = read_request(st)? else {
+        return Ok(());
+    };
+    let cfg = g.load_config()?;
+    let stage_hint = if st.status.as_deref() == Some("stopped") {
+        " (status \"stopped\": this looks like a poststop state)"
+    } else {
+        ""
+    };
+    let ns = open_netns(st, stage_hint, req.mode)?;
+    let sd = g.state()?;
+    let mut k = HostKernel::new();
+    let eni = prepare_eni(&mut k, &cfg, st, &req, &sd, &ns)?;
     trace::mark("parse");
-    let sd = g.state();
-    let lock = sd.lock()?;
+    let lock = sd
+        .lock_within(cfg.lock_timeout)
+        .with_context(|| format!("container {}", st.id))?;
     trace::mark("lock");
     let mut state = sd.load()?;
     trace::mark("load-state");
-    let mut k = HostKernel::new();
-    if let Some(old) = state.containers.get(&st.id) {
-        if old.netns_inode == Some(inode) && old.pid == Some(pid) {
-            // prestart and createRuntime both registered: the second call finds it done.
-            return Ok(());
-        }
-        // An earlier container with the same id that nobody tore down (crun and podman skip
-        // poststop after a failed create): release it first.
-        let old = old.clone();
-        let errs = release(&mut k, &state, &old);
-        if !errs.is_empty() {
-            bail!(
-                "container {}: releasing the stale earlier setup failed: {}",
-                st.id,
-                errs.join("; ")
-            );
-        }
-        state.containers.remove(&st.id);
-    }
-
-    let mut rec = ContainerRecord {
-        id: st.id.clone(),
-        mode: req.mode,
-        service: req.service.clone(),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        pid: Some(pid),
-        netns_inode: Some(inode),
-        ip: None,
-        veth: None,
-        bridge: None,
-        ports: Vec::new(),
-        eni: None,
-    };
-    let ctx = ModeCtx {
+    let ctx = SetupCtx {
         cfg: &cfg,
         state_dir: &sd.dir,
+        id: &st.id,
         req: &req,
         eni: eni.as_ref(),
-        ns: &ns,
-        pid,
+        ns: &ns.file,
+        pid: ns.pid,
     };
-    if let Err(first) = apply_mode(&ctx, &mut k, &mut state, &mut rec) {
-        // Containers that died without a poststop (crun and podman skip it after a failed
-        // create) may hold the port, address or ENI this one needs: release them, try again.
-        let (reaped, _) = gc::reap_dead(&mut k, &mut state);
-        if reaped.is_empty() {
-            return Err(first);
-        }
-        if let Err(again) = apply_mode(&ctx, &mut k, &mut state, &mut rec) {
-            sd.store(&state, &lock)?;
-            return Err(again);
-        }
+    if settle_earlier(&mut k, &sd, &lock, &mut state, st, &ns)? {
+        return Ok(());
     }
+    let fields = plan_and_apply(&ctx, &mut k, &sd, &lock, &mut state)?;
+    let mut rec = new_record(st, &req, &ns);
+    fields.fill(&mut rec);
     state.containers.insert(st.id.clone(), rec.clone());
     if let Err(e) = sd.store(&state, &lock) {
         state.containers.remove(&st.id);
-        let _ = release(&mut k, &state, &rec);
-        return Err(e.into());
+        let left = modes::release(&mut k, &state, &rec);
+        return Err(with_rollback(e.into(), left));
     }
     trace::mark("store-state");
     Ok(())
 }
 
-/// What a mode's setup needs besides the ledger and the record.
-struct ModeCtx<'a> {
-    cfg: &'a Config,
-    state_dir: &'a std::path::Path,
-    req: &'a NetworkRequest,
-    eni: Option<&'a EniSpec>,
-    ns: &'a File,
-    pid: i32,
+fn new_record(st: &OciState, req: &NetworkRequest, ns: &Netns) -> ContainerRecord {
+    let mut rec = ContainerRecord::new(&st.id, req.mode);
+    rec.service = req.service.clone();
+    rec.created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    rec.pid = Some(ns.pid);
+    rec.netns_inode = Some(ns.inode);
+    rec
 }
 
-/// Runs the mode's setup, filling `rec`; on error everything it did is undone.
-fn apply_mode(
-    c: &ModeCtx,
-    k: &mut HostKernel,
+/// Step 4: an existing record for this id. The same container seen again (prestart and
+/// createRuntime both registered) is done: `Ok(true)`. An earlier container of that id whose
+/// process is provably gone (crun and podman skip poststop after a failed create) is released
+/// first. One that is still alive is never touched: that is another, live container.
+fn settle_earlier(
+    k: &mut dyn Kernel,
+    sd: &StateDir,
+    lock: &Lock,
     state: &mut State,
-    rec: &mut ContainerRecord,
-) -> anyhow::Result<()> {
-    let (cfg, req, ns, pid) = (c.cfg, c.req, c.ns, c.pid);
-    let what = format!("{} setup for container {}", req.mode, rec.id);
-    match req.mode {
-        NetworkMode::Bridge => {
-            let plan = bridge::plan(cfg, state, &rec.id, req, &BindProbe).context(what.clone())?;
-            bridge::apply(k, cfg, state, &plan, ns).context(what.clone())?;
-            rec.ip = Some(plan.ip);
-            rec.veth = Some(plan.veth);
-            rec.bridge = Some(cfg.bridge_name.clone());
-            rec.ports = plan.ports;
-            if req.ingress.is_some()
-                && let Err(e) = awsvpc::task_firewall(ns, req.ingress.as_deref(), true)
-            {
-                let _ = release(k, state, rec);
-                return Err(e.context(what));
-            }
-        }
-        NetworkMode::Awsvpc => {
-            let eni = c.eni.ok_or_else(|| anyhow!("{what}: no ENI"))?;
-            let s = awsvpc::setup(
-                &cfg.awsvpc,
-                state,
-                c.state_dir,
-                &rec.id,
-                pid,
-                ns,
-                eni,
-                req.ingress.as_deref(),
-            )
-            .context(what)?;
-            rec.ip = Some(s.ip);
-            rec.eni = Some(s.eni);
-            rec.ports = awsvpc::ports(&req.mappings);
-        }
-        NetworkMode::Host => {
-            rec.ports = host::plan(cfg, state, &rec.id, req, &BindProbe).context(what)?;
-        }
-        NetworkMode::None => {
-            k.loopback_up(ns).context("bring lo up").context(what)?;
-        }
+    st: &OciState,
+    ns: &Netns,
+) -> anyhow::Result<bool> {
+    let Some(old) = state.containers.get(&st.id).cloned() else {
+        return Ok(false);
+    };
+    if old.netns_inode == Some(ns.inode) && old.pid == Some(ns.pid) {
+        return Ok(true);
     }
-    Ok(())
+    if reap::alive(&old) {
+        bail!(
+            "container {}: the id is already recorded for a live container (pid {}, {} mode): delete that container first, or use another id",
+            st.id,
+            old.pid.unwrap_or(0),
+            old.mode
+        );
+    }
+    if let Err(errs) = modes::release(k, state, &old) {
+        bail!(
+            "container {}: releasing the earlier container of this id failed: {errs} (`shim gc` retries)",
+            st.id
+        );
+    }
+    state.containers.remove(&st.id);
+    sd.store(state, lock)?;
+    Ok(false)
 }
 
-/// Undoes one record's kernel state (whatever its mode); returns the failures.
-pub fn release(k: &mut dyn Kernel, state: &State, rec: &ContainerRecord) -> Vec<String> {
-    match rec.mode {
-        NetworkMode::Bridge => bridge::teardown(k, state, rec),
-        NetworkMode::Awsvpc => match &rec.eni {
-            Some(e) => awsvpc::teardown(e, rec.ip, state, &rec.id),
-            None => Vec::new(),
-        },
-        // Host claims live only in the ledger; none mode's lo goes with its netns.
-        NetworkMode::Host | NetworkMode::None => Vec::new(),
+/// Step 5: plan and apply; when that fails, containers that died without a poststop may hold
+/// the port, address or ENI this one needs: release them and try once more.
+fn plan_and_apply(
+    c: &SetupCtx,
+    k: &mut dyn Kernel,
+    sd: &StateDir,
+    lock: &Lock,
+    state: &mut State,
+) -> anyhow::Result<ModeFields> {
+    let what = || format!("{} setup for container {}", c.req.mode, c.id);
+    let attempt = |k: &mut dyn Kernel, state: &mut State| -> anyhow::Result<ModeFields> {
+        let f = modes::plan(c, k, state)?;
+        trace::mark("plan");
+        modes::apply(c, k, state, &f)?;
+        Ok(f)
+    };
+    let saved = state.clone();
+    match attempt(k, state) {
+        Ok(f) => Ok(f),
+        Err(first) => {
+            *state = saved;
+            let reaped = reap::reap_dead(k, state);
+            if reaped.released.is_empty() {
+                return Err(first.context(what()));
+            }
+            sd.store(state, lock)?;
+            attempt(k, state).with_context(what)
+        }
     }
 }
 
 /// Poststop: from the state alone; idempotent; unknown ids are no-ops.
 pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
-    let sd = g.state();
+    let sd = g.state()?;
     if !sd.state_path().exists() {
         return Ok(());
     }
-    let lock = sd.lock()?;
+    let cfg = g.load_config()?;
+    let lock = sd
+        .lock_within(cfg.lock_timeout)
+        .with_context(|| format!("teardown of container {id}"))?;
     let mut state = sd.load()?;
     let Some(rec) = state.containers.get(id).cloned() else {
         return Ok(());
@@ -256,19 +292,16 @@ pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
     // The kernel makes a veth deletion wait 20 ms or more for RCU grace periods. The bridge veth
     // is deleted after the ledger is committed and the lock released, so concurrent teardowns
     // and setups do not queue behind that wait. Its address is not handed out again at once
-    // (next-fit), and a veth left by a crash in between is swept by `shim gc`.
+    // (next-fit), and a veth left by a crash in between is swept by `shim gc` and replaced by
+    // the next setup of that name.
     let mut quick = rec.clone();
     let veth = match rec.mode {
         NetworkMode::Bridge => quick.veth.take(),
         _ => None,
     };
-    let errs = release(&mut k, &state, &quick);
-    if !errs.is_empty() {
+    if let Err(errs) = modes::release(&mut k, &state, &quick) {
         // Keep the record so `shim gc` can finish the job.
-        bail!(
-            "teardown of container {id}: {} (kept in the state; `shim gc` retries)",
-            errs.join("; ")
-        );
+        bail!("teardown of container {id}: {errs} (kept in the state; `shim gc` retries)");
     }
     state.containers.remove(id);
     sd.store(&state, &lock)?;

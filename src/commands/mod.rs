@@ -1,26 +1,35 @@
-//! One module per verb; `main.rs` only parses arguments and dispatches here.
+//! One module per verb; `main.rs` only parses arguments and dispatches here. Commands never
+//! import each other: what two of them share lives in the library modules.
 
 pub mod gc;
 pub mod hook;
 pub mod ports;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::state::StateDir;
+
+/// Where the config is read from when none is named.
+pub const DEFAULT_CONFIG: &str = "/etc/netshim/config.toml";
 
 /// Options every command shares (flags or environment).
 #[derive(Debug, Clone)]
 pub struct Globals {
     pub state_dir: PathBuf,
-    pub config: PathBuf,
+    /// `None`: the default path, which may be absent.
+    pub config: Option<PathBuf>,
 }
 
 impl Globals {
-    pub fn state(&self) -> StateDir {
-        StateDir::new(&self.state_dir)
+    /// The state directory (its ownership and permissions are checked when it is used).
+    pub fn state(&self) -> anyhow::Result<StateDir> {
+        Ok(StateDir::new(&self.state_dir))
     }
     pub fn load_config(&self) -> anyhow::Result<Config> {
-        Ok(Config::load(&self.config)?)
+        Ok(match &self.config {
+            Some(p) => Config::load(p, true)?,
+            None => Config::load(Path::new(DEFAULT_CONFIG), false)?,
+        })
     }
 }

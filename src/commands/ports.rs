@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use crate::commands::Globals;
 use crate::kernel::netlink::Netlink;
-use crate::request::NetworkMode;
 use crate::state::State;
+use crate::types::NetworkMode;
 
 /// One mapped port, as the contract names its fields.
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -98,7 +98,7 @@ pub fn list(
     container: Option<&str>,
     service: Option<&str>,
 ) -> anyhow::Result<()> {
-    let state = g.state().load()?;
+    let state = g.state()?.load()?;
     let host = host_address(g)?;
     let rows = entries(&state, host, container, service);
     let text = if json {
@@ -179,35 +179,24 @@ pub fn table(rows: &[PortEntry]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::Protocol;
     use crate::state::{ContainerRecord, PortRecord};
+    use crate::types::Protocol;
 
     fn state() -> State {
         let mut st = State::default();
         for (id, svc, port) in [("aaa", Some("web"), 49153), ("bbb", None, 8080)] {
-            st.containers.insert(
-                id.into(),
-                ContainerRecord {
-                    id: id.into(),
-                    mode: NetworkMode::Bridge,
-                    service: svc.map(String::from),
-                    created: 0,
-                    pid: None,
-                    netns_inode: None,
-                    ip: Some(Ipv4Addr::new(10, 213, 0, 2)),
-                    veth: None,
-                    bridge: None,
-                    ports: vec![PortRecord {
-                        protocol: Protocol::Tcp,
-                        container_port: 80,
-                        host_port: port,
-                        host_ip: None,
-                        name: None,
-                        dynamic: port == 49153,
-                    }],
-                    eni: None,
-                },
-            );
+            let mut r = ContainerRecord::new(id, NetworkMode::Bridge);
+            r.service = svc.map(String::from);
+            r.ip = Some(Ipv4Addr::new(10, 213, 0, 2));
+            r.ports = vec![PortRecord {
+                protocol: Protocol::Tcp,
+                container_port: 80,
+                host_port: port,
+                host_ip: None,
+                name: None,
+                dynamic: port == 49153,
+            }];
+            st.containers.insert(id.into(), r);
         }
         st
     }

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use netlink_packet_core::{
     DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer,
@@ -17,7 +17,8 @@ use netlink_packet_route::address::{
 };
 use netlink_packet_route::link::{
     AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoBridge, InfoBridgePort, InfoData, InfoKind,
-    InfoPortData, InfoPortKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoPortData, InfoPortKind, InfoVeth, InfoVlan, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
@@ -32,7 +33,8 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 /// Interface alias attribute (linux/if_link.h).
 const IFLA_IFALIAS: u16 = 20;
 
-use super::netns;
+use super::{Addr, Link, netns};
+use crate::types::MacAddr;
 
 /// An error from the kernel (errno kept) or from decoding its answer.
 #[derive(Debug, thiserror::Error)]
@@ -170,20 +172,6 @@ impl Netlink {
                 _ => None,
             })
             .collect())
-    }
-
-    /// The link with hardware address `mac`: (index, name).
-    pub fn find_by_mac(&mut self, mac: &[u8; 6]) -> NlResult<Option<(u32, String)>> {
-        for l in self.links()? {
-            let has = l
-                .attributes
-                .iter()
-                .any(|a| matches!(a, LinkAttribute::Address(m) if m.as_slice() == mac));
-            if has {
-                return Ok(Some((l.header.index, link_name(&l).unwrap_or_default())));
-            }
-        }
-        Ok(None)
     }
 
     /// Index of the interface holding the main table's IPv4 default route.
@@ -529,36 +517,119 @@ impl Netlink {
         Ok(())
     }
 
-    /// Adds an IPv4 route `dst/prefix` via `gateway` out of `oif` in the main table.
-    pub fn add_route4(
+    /// Every link, as netshim sees links.
+    pub fn link_list(&mut self) -> NlResult<Vec<Link>> {
+        Ok(self.links()?.iter().map(link_of).collect())
+    }
+
+    /// (index, table) of the links carrying a default route, IPv4 and IPv6, in any table, every
+    /// next hop of a multipath route included.
+    pub fn default_route_links(&mut self) -> NlResult<Vec<(u32, u32)>> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut m = RouteMessage::default();
+            m.header.address_family = family;
+            for r in self.request(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)? {
+                let RouteNetlinkMessage::NewRoute(r) = r else {
+                    continue;
+                };
+                if r.header.destination_prefix_length != 0 || r.header.kind != RouteType::Unicast {
+                    continue;
+                }
+                let table = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(r.header.table));
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Oif(i) => out.push((*i, table)),
+                        RouteAttribute::MultiPath(hops) => {
+                            out.extend(hops.iter().map(|h| (h.interface_index, table)))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Every IPv4 and IPv6 address.
+    pub fn addresses(&mut self) -> NlResult<Vec<Addr>> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut q = AddressMessage::default();
+            q.header.family = family;
+            for a in self.request(RouteNetlinkMessage::GetAddress(q), NLM_F_DUMP)? {
+                let RouteNetlinkMessage::NewAddress(a) = a else {
+                    continue;
+                };
+                let local = a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                });
+                let addr = a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                });
+                if let Some(ip) = local.or(addr) {
+                    out.push(Addr {
+                        index: a.header.index,
+                        ip,
+                        prefix: a.header.prefix_len,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds an address of either family (IPv6 without duplicate address detection).
+    pub fn add_addr(&mut self, index: u32, ip: IpAddr, prefix: u8) -> NlResult<()> {
+        match ip {
+            IpAddr::V4(a) => self.add_addr4(index, a, prefix),
+            IpAddr::V6(a) => self.add_addr6(index, a, prefix),
+        }
+    }
+
+    /// Creates VLAN `vlan` on `trunk` with `mac`, directly inside the namespace `ns` as `name`.
+    pub fn add_vlan(
         &mut self,
-        dst: Ipv4Addr,
-        prefix: u8,
-        gateway: Option<Ipv4Addr>,
-        oif: u32,
+        trunk: u32,
+        vlan: u16,
+        mac: MacAddr,
+        name: &str,
+        ns: BorrowedFd<'_>,
     ) -> NlResult<()> {
-        let mut m = RouteMessage::default();
-        m.header.address_family = AddressFamily::Inet;
-        m.header.destination_prefix_length = prefix;
-        m.header.table = RouteHeader::RT_TABLE_MAIN;
-        m.header.protocol = RouteProtocol::Boot;
-        m.header.scope = if gateway.is_some() {
-            RouteScope::Universe
-        } else {
-            RouteScope::Link
-        };
-        m.header.kind = RouteType::Unicast;
-        if prefix > 0 {
-            m.attributes
-                .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
-        }
-        if let Some(gw) = gateway {
-            m.attributes
-                .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
-        }
-        m.attributes.push(RouteAttribute::Oif(oif));
-        self.request(RouteNetlinkMessage::NewRoute(m), NLM_F_CREATE | NLM_F_EXCL)?;
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        m.attributes.push(LinkAttribute::Link(trunk));
+        m.attributes
+            .push(LinkAttribute::Address(mac.octets().to_vec()));
+        m.attributes.push(LinkAttribute::NetNsFd(ns.as_raw_fd()));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vlan),
+            LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(vlan)])),
+        ]));
+        self.request(RouteNetlinkMessage::NewLink(m), NLM_F_CREATE | NLM_F_EXCL)?;
         Ok(())
+    }
+
+    /// Deletes link `index`; `Ok(false)` if it was already gone.
+    pub fn del_link_index(&mut self, index: u32) -> NlResult<bool> {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        match self.request(RouteNetlinkMessage::DelLink(m), 0) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is(libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The first IPv4 address of the interface holding the default route (else the first global
@@ -593,17 +664,42 @@ impl Netlink {
     }
 }
 
-/// The name of a link message.
-pub fn link_name(l: &LinkMessage) -> Option<String> {
-    l.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(n) => Some(n.clone()),
-        _ => None,
-    })
-}
-
-impl AsFd for Netlink {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the socket's fd lives as long as `self`.
-        unsafe { BorrowedFd::borrow_raw(self.sock.as_raw_fd()) }
+/// A link message as netshim sees links.
+pub fn link_of(l: &LinkMessage) -> Link {
+    let mut out = Link {
+        index: l.header.index,
+        up: l.header.flags.contains(LinkFlags::Up),
+        loopback: l.header.flags.contains(LinkFlags::Loopback),
+        ..Link::default()
+    };
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::IfName(n) => out.name = n.clone(),
+            LinkAttribute::Address(m) if m.len() == 6 => {
+                let mut b = [0u8; 6];
+                b.copy_from_slice(m);
+                out.mac = Some(MacAddr(b));
+            }
+            LinkAttribute::Controller(i) => out.master = Some(*i),
+            LinkAttribute::Link(i) => out.lower = Some(*i),
+            LinkAttribute::Mtu(m) => out.mtu = Some(*m),
+            LinkAttribute::IfAlias(s) => out.alias = Some(s.clone()),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        LinkInfo::Kind(k) => out.kind = Some(k.to_string()),
+                        LinkInfo::Data(InfoData::Vlan(v)) => {
+                            out.vlan_id = v.iter().find_map(|x| match x {
+                                InfoVlan::Id(id) => Some(*id),
+                                _ => None,
+                            })
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
     }
+    out
 }

@@ -19,16 +19,8 @@ pub fn inode(f: &File) -> io::Result<u64> {
 
 /// Whether `f` is a namespace file (nsfs), not e.g. the empty file left by a lost bind mount.
 pub fn is_nsfs(f: &File) -> bool {
-    use std::os::fd::AsRawFd;
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
-    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
-    // SAFETY: fstatfs writes into st, a properly sized buffer, for a valid fd.
-    let rc = unsafe { libc::fstatfs(f.as_raw_fd(), st.as_mut_ptr()) };
-    // f_type's width differs between targets.
-    #[allow(clippy::unnecessary_cast)]
-    let nsfs = |st: libc::statfs| st.f_type as i64 == NSFS_MAGIC;
-    // SAFETY: st is only read after a successful fstatfs initialised it.
-    rc == 0 && nsfs(unsafe { st.assume_init() })
+    use nix::sys::statfs::{NSFS_MAGIC, fstatfs};
+    fstatfs(f).is_ok_and(|st| st.filesystem_type() == NSFS_MAGIC)
 }
 
 /// Inode of this process's own network namespace.
@@ -65,6 +57,23 @@ pub fn pin(pid: i32, path: &std::path::Path) -> io::Result<()> {
         return Err(io::Error::from(e));
     }
     Ok(())
+}
+
+/// Opens a pin made by [`pin`]: `None` when the file is gone or is no longer a namespace (a
+/// pin whose bind mount was lost, after a reboot or in another mount namespace, is an empty
+/// file).
+pub fn open_pin(path: &std::path::Path) -> io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) if is_nsfs(&f) => Ok(Some(f)),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Releases a pin made by [`pin`]; a missing pin is fine.

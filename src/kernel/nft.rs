@@ -1064,8 +1064,8 @@ mod tests {
     #[ignore]
     fn transaction_cost() {
         use crate::firewall::{Layout, add_elements, concat, delete_elements};
-        use crate::request::Protocol;
         use crate::state::PortRecord;
+        use crate::types::Protocol;
         in_private_netns(|| {
             let l = Layout {
                 table: "netshim",

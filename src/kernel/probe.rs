@@ -5,7 +5,7 @@ use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
 
 use crate::alloc::PortProbe;
-use crate::request::Protocol;
+use crate::types::Protocol;
 
 /// Probes by binding in the current network namespace.
 pub struct BindProbe;

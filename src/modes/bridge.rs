@@ -6,23 +6,25 @@
 //! the container's netns → address, default route and `lo` inside → map elements (one nftables
 //! transaction) → UDP conntrack flush. Any error rolls back the steps done so far.
 
-use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 
 use crate::alloc::{self, PortPolicy, PortProbe};
 use crate::config::{Config, FALLBACK_DYNAMIC_RANGE};
 use crate::firewall::{self, Health, Layout};
 use crate::kernel::nft::Batch;
-use crate::kernel::sysctl;
-use crate::modes::Kernel;
-use crate::request::{NetworkMode, NetworkRequest, PortRange, Protocol};
+use crate::kernel::{At, Kernel, sysctl};
+use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, task_firewall, with_rollback};
+use crate::request::NetworkRequest;
 use crate::state::{ContainerRecord, PortRecord, State};
 use crate::trace;
+use crate::types::{MacAddr, NetworkMode, PortRange, Protocol};
 
 /// Name of the container's interface.
 pub const CONTAINER_IF: &str = "eth0";
+/// Prefix of the host end of every bridge veth (`nsh` + 8 hex digits).
+pub const VETH_PREFIX: &str = "nsh";
 
 /// The dynamic range in force: the config's, else the kernel's ephemeral range, else ECS's.
 pub fn dynamic_range(cfg: &Config) -> PortRange {
@@ -40,8 +42,8 @@ pub fn fnv(s: &str) -> u32 {
     })
 }
 
-/// Host-side veth name: stable for an id, 11 characters, unique in the ledger.
-pub fn veth_name(id: &str, state: &State) -> String {
+/// `prefix` + 8 hex digits of the id's hash, salted until `taken` says no.
+pub fn link_name(prefix: &str, id: &str, taken: &dyn Fn(&str) -> bool) -> String {
     (0u32..)
         .map(|salt| {
             let key = if salt == 0 {
@@ -49,39 +51,65 @@ pub fn veth_name(id: &str, state: &State) -> String {
             } else {
                 format!("{id}#{salt}")
             };
-            format!("nsh{:08x}", fnv(&key))
+            format!("{prefix}{:08x}", fnv(&key))
         })
-        .find(|n| {
-            !state
-                .containers
-                .values()
-                .any(|c| c.id != id && c.veth.as_deref() == Some(n))
-        })
-        .unwrap_or_else(|| "nsh00000000".into())
+        .find(|n| !taken(n))
+        .unwrap_or_else(|| format!("{prefix}00000000"))
 }
 
-/// The bridge's fixed MAC: containers' ARP entries for the gateway survive a bridge re-creation.
-pub fn bridge_mac(name: &str) -> [u8; 6] {
+/// Whether `name` has the shape of a link netshim names with `prefix`.
+pub fn is_our_name(prefix: &str, name: &str) -> bool {
+    name.len() == prefix.len() + 8
+        && name.starts_with(prefix)
+        && name[prefix.len()..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Host-side veth name: stable for an id, 11 characters, unique in the ledger.
+pub fn veth_name(id: &str, state: &State) -> String {
+    link_name(VETH_PREFIX, id, &|n| {
+        state
+            .containers
+            .values()
+            .any(|c| c.id != id && c.veth.as_deref() == Some(n))
+    })
+}
+
+/// The bridge's fixed MAC: containers' ARP entries for the gateway survive a bridge re-creation,
+/// and it tells netshim's bridge from any other link of that name.
+pub fn bridge_mac(name: &str) -> MacAddr {
     let h = fnv(name).to_be_bytes();
-    [0x02, 0x6e, 0x73, h[1], h[2], h[3]]
+    MacAddr([0x02, 0x6e, 0x73, h[1], h[2], h[3]])
 }
 
-/// Where this container plugs in, decided before the kernel is touched.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
-    pub ip: Ipv4Addr,
-    pub veth: String,
-    pub ports: Vec<PortRecord>,
+/// Checks that every `hostIp` of the request is an address the host holds now: a mapping bound
+/// to someone else's address would be a load-balancer target that is not this host.
+pub fn check_host_ips(k: &mut dyn Kernel, req: &NetworkRequest) -> anyhow::Result<()> {
+    let wanted: Vec<Ipv4Addr> = req.mappings.iter().filter_map(|m| m.host_ip).collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let held = k.addresses(At::Host).context("list the host's addresses")?;
+    for ip in wanted {
+        if !held.iter().any(|a| a.ip == IpAddr::V4(ip)) {
+            bail!(
+                "annotation netshim.port-mappings: hostIp {ip} is not an address of this host: give one the host holds, or omit hostIp for all"
+            );
+        }
+    }
+    Ok(())
 }
 
-/// Allocates address, veth name and host ports in `state` (pure apart from the port probe).
+/// Allocates address, veth name and host ports in `state` (the kernel is only read: host
+/// addresses for `hostIp`, and the port probe).
 pub fn plan(
     cfg: &Config,
     state: &mut State,
     id: &str,
     req: &NetworkRequest,
+    k: &mut dyn Kernel,
     probe: &dyn PortProbe,
-) -> anyhow::Result<Plan> {
+) -> anyhow::Result<ModeFields> {
+    check_host_ips(k, req)?;
     let policy = PortPolicy {
         dynamic: dynamic_range(cfg),
         reserved: &cfg.reserved,
@@ -89,7 +117,13 @@ pub fn plan(
     let ports = alloc::allocate_ports(state, id, &req.mappings, &policy, probe)?;
     let ip = alloc::allocate_ip(state, cfg.subnet)?;
     let veth = veth_name(id, state);
-    Ok(Plan { ip, veth, ports })
+    Ok(ModeFields {
+        ip: Some(ip),
+        veth: Some(veth),
+        bridge: Some(cfg.bridge_name.clone()),
+        ports,
+        ..ModeFields::default()
+    })
 }
 
 enum Undo {
@@ -99,59 +133,81 @@ enum Undo {
     DelTable(String),
 }
 
-/// Applies `plan` for container `id`; on error undoes what it did and returns the error.
+/// Applies the plan `f` for the container of `c`; on error undoes what it did.
 pub fn apply(
     k: &mut dyn Kernel,
-    cfg: &Config,
+    c: &SetupCtx,
     state: &State,
-    plan: &Plan,
-    netns: &File,
+    f: &ModeFields,
 ) -> anyhow::Result<()> {
+    let (Some(ip), Some(veth)) = (f.ip, f.veth.as_deref()) else {
+        bail!("bridge plan without an address or a veth name");
+    };
     let mut undo = Vec::new();
-    match apply_steps(k, cfg, state, plan, netns, &mut undo) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let mut failed = Vec::new();
-            for u in undo.into_iter().rev() {
-                let r = match &u {
-                    Undo::DelLink(n) => k
-                        .del_link(n)
-                        .map(|_| ())
-                        .map_err(|e| format!("delete link {n}: {e}")),
-                    Undo::Nft(b) => k.nft(b).map_err(|e| e.to_string()),
-                    Undo::DelTable(t) => {
-                        k.nft(&firewall::delete_table(t)).map_err(|e| e.to_string())
-                    }
-                };
-                if let Err(m) = r {
-                    failed.push(m);
+    let r = apply_steps(k, c.cfg, state, ip, veth, &f.ports, c.ns, &mut undo).and_then(|()| {
+        // Bridge containers get the same ingress filter as awsvpc tasks; metadata stays
+        // reachable through the host as before.
+        match &c.req.ingress {
+            Some(rules) => task_firewall(k, c.ns, Some(rules), true),
+            None => Ok(()),
+        }
+    });
+    let Err(e) = r else {
+        return Ok(());
+    };
+    let mut left = ReleaseErrors::default();
+    for u in undo.into_iter().rev() {
+        match &u {
+            Undo::DelLink(n) => {
+                if let Err(x) = k.del_link(n) {
+                    left.push("delete link", n, x);
                 }
             }
-            if failed.is_empty() {
-                Err(e)
-            } else {
-                Err(e.context(format!(
-                    "rollback incomplete ({}); run `shim gc`",
-                    failed.join("; ")
-                )))
+            Undo::Nft(b) => {
+                if let Err(x) = k.nft(b) {
+                    left.push("delete map elements", "", x);
+                }
+            }
+            Undo::DelTable(t) => {
+                if let Err(x) = k.nft(&firewall::delete_table(t)) {
+                    left.push("delete table", t, x);
+                }
             }
         }
     }
+    Err(with_rollback(e, left.into_result()))
 }
 
-fn apply_steps(
+/// The bridge, created on first use; an existing one is checked to be netshim's and repaired
+/// (up, with its gateway address) instead of trusted by name. Returns its index.
+fn ensure_bridge(
     k: &mut dyn Kernel,
     cfg: &Config,
     state: &State,
-    plan: &Plan,
-    netns: &File,
     undo: &mut Vec<Undo>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u32> {
     let br = cfg.bridge_name.as_str();
     let gw = cfg.gateway();
     let prefix = cfg.subnet.prefix();
-    let master = match k.link_index(br).context("look up bridge")? {
-        Some(i) => i,
+    match k.link(br).context("look up bridge")? {
+        Some(l) => {
+            if l.kind.as_deref() != Some("bridge") || l.mac != Some(bridge_mac(br)) {
+                bail!(
+                    "bridge.name {br} names an existing interface netshim did not create ({}): choose another bridge.name in the config",
+                    l.kind.as_deref().unwrap_or("a physical NIC")
+                );
+            }
+            let fixed = k
+                .repair_bridge(l.index, l.up, gw, prefix)
+                .with_context(|| format!("repair bridge {br}"))?;
+            if !fixed.is_empty() {
+                eprintln!(
+                    "shim: note: bridge {br} was incomplete: {}",
+                    fixed.join(", ")
+                );
+            }
+            Ok(l.index)
+        }
         None => {
             let i = k
                 .create_bridge(br, bridge_mac(br), gw, prefix)
@@ -163,20 +219,46 @@ fn apply_steps(
             if !others {
                 undo.push(Undo::DelLink(br.to_string()));
             }
-            i
+            Ok(i)
         }
-    };
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_steps(
+    k: &mut dyn Kernel,
+    cfg: &Config,
+    state: &State,
+    ip: Ipv4Addr,
+    veth: &str,
+    ports: &[PortRecord],
+    netns: &std::fs::File,
+    undo: &mut Vec<Undo>,
+) -> anyhow::Result<()> {
+    let br = cfg.bridge_name.as_str();
+    let gw = cfg.gateway();
+    let prefix = cfg.subnet.prefix();
+    let master = ensure_bridge(k, cfg, state, undo)?;
     k.bridge_sysctls(br).context("set forwarding sysctls")?;
     trace::mark("bridge");
 
-    let veth = plan.veth.as_str();
     match k.add_veth(veth, master, CONTAINER_IF, netns) {
         Err(e) if e.is(libc::EEXIST) => {
-            // Either a stale host link of ours (the ledger does not know it: a crash between
-            // apply and persist), or the container already has an eth0.
-            if k.del_link(veth).unwrap_or(false) {
+            // A stale host link of ours (the ledger does not know it: a crash between apply and
+            // persist) is replaced; anything else of that name is left alone.
+            let stale = k
+                .link(veth)
+                .context("look up the existing link")?
+                .is_some_and(|l| l.master == Some(master));
+            if stale && k.del_link(veth).unwrap_or(false) {
                 k.add_veth(veth, master, CONTAINER_IF, netns)
                     .with_context(|| format!("create veth {veth}"))?;
+            } else if stale {
+                bail!("create veth {veth}: a stale link of that name could not be deleted");
+            } else if k.link(veth).ok().flatten().is_some() {
+                bail!(
+                    "create veth {veth}: an interface of that name exists and is not on bridge {br}: rename or delete it"
+                );
             } else {
                 return Err(anyhow!(
                     "create veth {veth}: the container already has an interface named {CONTAINER_IF}: give it a fresh network namespace"
@@ -188,12 +270,9 @@ fn apply_steps(
     undo.push(Undo::DelLink(veth.to_string()));
     trace::mark("veth");
 
-    k.configure_container(netns, CONTAINER_IF, plan.ip, prefix, gw)
+    k.configure_container(netns, CONTAINER_IF, ip, prefix, gw)
         .with_context(|| {
-            format!(
-                "configure {CONTAINER_IF} ({}/{prefix} via {gw}) in the container",
-                plan.ip
-            )
+            format!("configure {CONTAINER_IF} ({ip}/{prefix} via {gw}) in the container")
         })?;
     trace::mark("container-side");
 
@@ -210,7 +289,7 @@ fn apply_steps(
         Ok(counts) => layout.health(counts.as_ref())?,
         Err(e) => Health::Damaged(e.to_string()),
     };
-    let add = firewall::add_elements(&table, plan.ip, &plan.ports);
+    let add = firewall::add_elements(&table, ip, ports);
     let added = health == Health::Ok && k.nft(&add).is_ok();
     if !added {
         let others = state
@@ -220,17 +299,17 @@ fn apply_steps(
         let mut batch = layout.rebuild(state.containers.values())?;
         batch.extend(add);
         k.nft(&batch)
-            .map_err(|e| anyhow!("{e} (table was {})", describe(&health)))
+            .map_err(|e| anyhow!("{e} (the table was {})", describe(&health)))
             .context("program the firewall table")?;
         if health == Health::Missing && !others {
             undo.push(Undo::DelTable(table.clone()));
         }
     }
     trace::mark("nft");
-    if !plan.ports.is_empty() {
-        let del = firewall::delete_elements(&table, &plan.ports, &|p| still_mapped(state, "", p));
+    if !ports.is_empty() {
+        let del = firewall::delete_elements(&table, ports, &|p| still_mapped(state, "", p));
         undo.push(Undo::Nft(firewall::concat(&del)));
-        for p in plan.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
+        for p in ports.iter().filter(|p| p.protocol == Protocol::Udp) {
             k.flush_udp(p.host_port).with_context(|| {
                 format!("flush UDP conntrack entries for host port {}", p.host_port)
             })?;
@@ -304,8 +383,12 @@ fn still_mapped(state: &State, except: &str, p: &PortRecord) -> bool {
 
 /// Undoes a container's bridge setup from its record alone. Missing pieces (already deleted,
 /// never created) are fine; real failures are collected, not fatal to the other steps.
-pub fn teardown(k: &mut dyn Kernel, state: &State, rec: &ContainerRecord) -> Vec<String> {
-    let mut errors = Vec::new();
+pub fn teardown(
+    k: &mut dyn Kernel,
+    state: &State,
+    rec: &ContainerRecord,
+    errs: &mut ReleaseErrors,
+) {
     if !rec.ports.is_empty() {
         let table = firewall::table_name(rec.bridge.as_deref().unwrap_or(firewall::DEFAULT_BRIDGE));
         let dels =
@@ -316,128 +399,33 @@ pub fn teardown(k: &mut dyn Kernel, state: &State, rec: &ContainerRecord) -> Vec
                 if let Err(e) = k.nft(d)
                     && !e.is_missing()
                 {
-                    errors.push(e.to_string());
+                    errs.push("delete map element", &table, e);
                 }
             }
         }
         for p in rec.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
             if let Err(e) = k.flush_udp(p.host_port) {
-                errors.push(format!("flush UDP conntrack for port {}: {e}", p.host_port));
+                errs.push("flush UDP conntrack for port", p.host_port, e);
             }
         }
     }
     if let Some(v) = &rec.veth
         && let Err(e) = k.del_link(v)
     {
-        errors.push(format!("delete veth {v}: {e}"));
+        errs.push("delete veth", v, e);
     }
-    errors
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::alloc::NoProbe;
-    use crate::kernel::netlink::NlError;
-    use crate::kernel::nft::fake::Tables;
-    use crate::kernel::nft::{Element, NftError, TableRef};
+    use crate::kernel::Link;
+    use crate::kernel::fake::{Fake, netns};
     use crate::request::from_annotations;
-    use std::collections::{BTreeMap, HashMap};
-    use std::io;
-
-    /// Records every kernel call and fails the one named in `fail_at`.
-    #[derive(Default)]
-    struct Fake {
-        links: Vec<String>,
-        nft: Tables,
-        calls: Vec<String>,
-        fail_at: Option<&'static str>,
-    }
-
-    impl Fake {
-        fn elements(&self) -> Vec<String> {
-            self.nft.all_elements()
-        }
-
-        fn step(&mut self, name: &'static str) -> Result<(), NlError> {
-            self.calls.push(name.into());
-            if self.fail_at == Some(name) {
-                return Err(NlError::Io(io::Error::from_raw_os_error(libc::EPERM)));
-            }
-            Ok(())
-        }
-    }
-
-    impl Kernel for Fake {
-        fn link_index(&mut self, name: &str) -> Result<Option<u32>, NlError> {
-            Ok(self
-                .links
-                .iter()
-                .position(|l| l == name)
-                .map(|i| i as u32 + 1))
-        }
-        fn create_bridge(
-            &mut self,
-            name: &str,
-            _: [u8; 6],
-            _: Ipv4Addr,
-            _: u8,
-        ) -> Result<u32, NlError> {
-            self.step("create_bridge")?;
-            self.links.push(name.into());
-            Ok(self.links.len() as u32)
-        }
-        fn bridge_sysctls(&mut self, _: &str) -> io::Result<()> {
-            self.step("sysctls").map_err(|_| io::Error::other("sysctl"))
-        }
-        fn add_veth(&mut self, host: &str, _: u32, _: &str, _: &File) -> Result<(), NlError> {
-            self.step("add_veth")?;
-            self.links.push(host.into());
-            Ok(())
-        }
-        fn configure_container(
-            &mut self,
-            _: &File,
-            _: &str,
-            _: Ipv4Addr,
-            _: u8,
-            _: Ipv4Addr,
-        ) -> Result<(), NlError> {
-            self.step("configure")
-        }
-        fn loopback_up(&mut self, _: &File) -> Result<(), NlError> {
-            self.step("lo")
-        }
-        fn del_link(&mut self, name: &str) -> Result<bool, NlError> {
-            let n = self.links.len();
-            self.links.retain(|l| l != name);
-            Ok(n != self.links.len())
-        }
-        fn nft(&mut self, batch: &Batch) -> Result<(), NftError> {
-            self.calls.push("nft".into());
-            if self.fail_at == Some("nft") {
-                return Err(NftError::os(libc::EPERM, "fake"));
-            }
-            self.nft.apply(batch)
-        }
-        fn nft_rule_counts(
-            &mut self,
-            table: &TableRef,
-        ) -> Result<Option<BTreeMap<String, usize>>, NftError> {
-            Ok(self.nft.rule_counts(table))
-        }
-        fn nft_elements(
-            &mut self,
-            table: &TableRef,
-            set: &crate::kernel::nft::Set,
-        ) -> Result<Vec<Element>, NftError> {
-            self.nft.elements(table, set)
-        }
-        fn flush_udp(&mut self, _: u16) -> io::Result<()> {
-            self.step("flush_udp")
-                .map_err(|_| io::Error::other("conntrack"))
-        }
-    }
+    use crate::types::NetworkMode;
+    use std::collections::HashMap;
+    use std::path::Path;
 
     fn request(maps: &str) -> NetworkRequest {
         let mut a = HashMap::new();
@@ -450,42 +438,55 @@ mod tests {
         Config::parse("[ports]\ndynamic_range = \"40000-40100\"\n").unwrap()
     }
 
-    fn record(id: &str, p: &Plan) -> ContainerRecord {
-        ContainerRecord {
-            id: id.into(),
-            mode: NetworkMode::Bridge,
-            service: None,
-            created: 0,
-            pid: None,
-            netns_inode: None,
-            ip: Some(p.ip),
-            veth: Some(p.veth.clone()),
-            bridge: Some("netshim0".into()),
-            ports: p.ports.clone(),
-            eni: None,
-        }
+    fn record(id: &str, f: &ModeFields) -> ContainerRecord {
+        let mut r = ContainerRecord::new(id, NetworkMode::Bridge);
+        f.clone().fill(&mut r);
+        r
     }
 
-    fn netns() -> File {
-        File::open("/dev/null").unwrap()
+    /// Plans and applies a setup of `id` with `maps`; returns the plan and the result.
+    fn setup(
+        k: &mut Fake,
+        st: &mut State,
+        id: &str,
+        maps: &str,
+    ) -> (ModeFields, anyhow::Result<()>) {
+        let (cfg, req, ns) = (cfg(), request(maps), netns());
+        let f = plan(&cfg, st, id, &req, k, &NoProbe).unwrap();
+        let c = SetupCtx {
+            cfg: &cfg,
+            state_dir: Path::new("/nonexistent"),
+            id,
+            req: &req,
+            eni: None,
+            ns,
+            pid: 1,
+        };
+        let r = apply(k, &c, st, &f);
+        (f, r)
     }
+
+    const TCP_UDP: &str = r#"[{"containerPort":80},{"containerPort":53,"protocol":"udp"}]"#;
 
     #[test]
     fn setup_then_teardown_leaves_nothing() {
-        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::default());
-        let req = request(r#"[{"containerPort":80},{"containerPort":53,"protocol":"udp"}]"#);
-        let p = plan(&cfg, &mut st, "a", &req, &NoProbe).unwrap();
-        apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
-        assert!(k.links.contains(&p.veth));
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let (p, r) = setup(&mut k, &mut st, "a", TCP_UDP);
+        r.unwrap();
+        let veth = p.veth.clone().unwrap();
+        assert!(k.host_link(&veth).is_some());
         assert_eq!(k.elements().len(), 4, "{:?}", k.elements());
         assert!(k.calls.contains(&"flush_udp".to_string()));
         let rec = record("a", &p);
         st.containers.insert("a".into(), rec.clone());
-        assert!(teardown(&mut k, &st, &rec).is_empty());
-        assert_eq!(k.links, vec!["netshim0".to_string()]);
+        let mut errs = ReleaseErrors::default();
+        teardown(&mut k, &st, &rec, &mut errs);
+        assert!(errs.is_empty(), "{errs}");
+        assert_eq!(k.host_link_names(), vec!["netshim0".to_string()]);
         assert!(k.elements().is_empty(), "{:?}", k.elements());
         // Idempotent: a second teardown finds nothing and reports nothing.
-        assert!(teardown(&mut k, &st, &rec).is_empty());
+        teardown(&mut k, &st, &rec, &mut errs);
+        assert!(errs.is_empty(), "{errs}");
     }
 
     #[test]
@@ -498,21 +499,15 @@ mod tests {
             "nft",
             "flush_udp",
         ] {
-            let (cfg, mut st, mut k) = (
-                cfg(),
-                State::default(),
-                Fake {
-                    fail_at: Some(step),
-                    ..Default::default()
-                },
-            );
-            let req = request(r#"[{"containerPort":80},{"containerPort":53,"protocol":"udp"}]"#);
-            let p = plan(&cfg, &mut st, "a", &req, &NoProbe).unwrap();
+            let (mut st, mut k) = (State::default(), Fake::new());
+            k.fail_at = Some(step);
+            let (_, r) = setup(&mut k, &mut st, "a", TCP_UDP);
+            assert!(r.is_err(), "{step} must fail the setup");
             assert!(
-                apply(&mut k, &cfg, &st, &p, &netns()).is_err(),
-                "{step} must fail the setup"
+                k.host_link_names().is_empty(),
+                "{step}: links left: {:?}",
+                k.host_link_names()
             );
-            assert!(k.links.is_empty(), "{step}: links left: {:?}", k.links);
             assert!(
                 k.elements().is_empty(),
                 "{step}: elements left: {:?}",
@@ -523,55 +518,30 @@ mod tests {
 
     #[test]
     fn rollback_keeps_the_bridge_other_containers_use() {
-        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::default());
-        let p = plan(
-            &cfg,
-            &mut st,
-            "a",
-            &request(r#"[{"containerPort":80}]"#),
-            &NoProbe,
-        )
-        .unwrap();
-        apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let (p, r) = setup(&mut k, &mut st, "a", r#"[{"containerPort":80}]"#);
+        r.unwrap();
         st.containers.insert("a".into(), record("a", &p));
         k.fail_at = Some("configure");
-        let p2 = plan(
-            &cfg,
-            &mut st,
-            "b",
-            &request(r#"[{"containerPort":80}]"#),
-            &NoProbe,
-        )
-        .unwrap();
-        assert!(apply(&mut k, &cfg, &st, &p2, &netns()).is_err());
-        assert_eq!(k.links, vec!["netshim0".to_string(), p.veth.clone()]);
+        let (_, r) = setup(&mut k, &mut st, "b", r#"[{"containerPort":80}]"#);
+        assert!(r.is_err());
+        assert_eq!(
+            k.host_link_names(),
+            vec!["netshim0".to_string(), p.veth.clone().unwrap()]
+        );
         assert_eq!(k.elements().len(), 2);
     }
 
     #[test]
     fn missing_table_is_rebuilt_from_the_ledger() {
-        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::default());
-        let p = plan(
-            &cfg,
-            &mut st,
-            "a",
-            &request(r#"[{"containerPort":80}]"#),
-            &NoProbe,
-        )
-        .unwrap();
-        apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let (p, r) = setup(&mut k, &mut st, "a", r#"[{"containerPort":80}]"#);
+        r.unwrap();
         st.containers.insert("a".into(), record("a", &p));
         // A firewall reload wipes the table.
         k.nft.tables.clear();
-        let p2 = plan(
-            &cfg,
-            &mut st,
-            "b",
-            &request(r#"[{"containerPort":80}]"#),
-            &NoProbe,
-        )
-        .unwrap();
-        apply(&mut k, &cfg, &st, &p2, &netns()).unwrap();
+        let (_, r) = setup(&mut k, &mut st, "b", r#"[{"containerPort":80}]"#);
+        r.unwrap();
         assert_eq!(
             k.elements().len(),
             4,
@@ -580,44 +550,30 @@ mod tests {
         );
     }
 
-    fn host_table() -> TableRef {
+    fn host_table() -> crate::kernel::nft::TableRef {
         firewall::host_table(firewall::TABLE)
     }
 
     #[test]
     fn a_flushed_table_is_noticed_and_rebuilt_with_every_mapping() {
-        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::default());
-        let p = plan(
-            &cfg,
-            &mut st,
-            "a",
-            &request(r#"[{"containerPort":80}]"#),
-            &NoProbe,
-        )
-        .unwrap();
-        apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let (p, r) = setup(&mut k, &mut st, "a", r#"[{"containerPort":80}]"#);
+        r.unwrap();
         st.containers.insert("a".into(), record("a", &p));
         let whole = k.nft.rule_counts(&host_table());
         // `nft flush table ip netshim`: rules gone, maps and their elements kept.
         k.nft.flush(&host_table());
-        let p2 = plan(
-            &cfg,
-            &mut st,
-            "b",
-            &request(r#"[{"containerPort":80}]"#),
-            &NoProbe,
-        )
-        .unwrap();
-        apply(&mut k, &cfg, &st, &p2, &netns()).unwrap();
+        let (_, r) = setup(&mut k, &mut st, "b", r#"[{"containerPort":80}]"#);
+        r.unwrap();
         assert_eq!(k.nft.rule_counts(&host_table()), whole, "rules are back");
         assert_eq!(k.elements().len(), 4, "{:?}", k.elements());
     }
 
     #[test]
     fn a_container_without_ports_still_gets_the_table_for_egress() {
-        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::default());
-        let p = plan(&cfg, &mut st, "a", &request("[]"), &NoProbe).unwrap();
-        apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let (_, r) = setup(&mut k, &mut st, "a", "[]");
+        r.unwrap();
         let counts = k.nft.rule_counts(&host_table()).expect("table created");
         assert_eq!(counts.get("postrouting"), Some(&3));
         assert!(k.elements().is_empty());
@@ -625,26 +581,17 @@ mod tests {
 
     #[test]
     fn gc_repair_deletes_strays_and_rebuilds_a_damaged_table() {
-        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::default());
-        let p = plan(
-            &cfg,
-            &mut st,
-            "a",
-            &request(r#"[{"containerPort":80}]"#),
-            &NoProbe,
-        )
-        .unwrap();
-        apply(&mut k, &cfg, &st, &p, &netns()).unwrap();
+        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::new());
+        let (p, r) = setup(&mut k, &mut st, "a", r#"[{"containerPort":80}]"#);
+        r.unwrap();
         // A setup killed after its transaction and before its record was stored.
-        let p2 = plan(
-            &cfg,
+        let (_, r) = setup(
+            &mut k,
             &mut st,
             "b",
-            &request(r#"[{"containerPort":81,"protocol":"udp"}]"#),
-            &NoProbe,
-        )
-        .unwrap();
-        apply(&mut k, &cfg, &st, &p2, &netns()).unwrap();
+            r#"[{"containerPort":81,"protocol":"udp"}]"#,
+        );
+        r.unwrap();
         st.containers.insert("a".into(), record("a", &p));
         assert_eq!(k.elements().len(), 4);
         let fixed = repair_firewall(&mut k, &cfg, &st).unwrap();
@@ -662,7 +609,7 @@ mod tests {
         assert_eq!(k.elements().len(), 2);
         assert!(repair_firewall(&mut k, &cfg, &st).unwrap().is_empty());
         // No table and no bridge container: nothing to create.
-        let mut empty = Fake::default();
+        let mut empty = Fake::new();
         assert!(
             repair_firewall(&mut empty, &cfg, &State::default())
                 .unwrap()
@@ -672,11 +619,71 @@ mod tests {
     }
 
     #[test]
+    fn a_bridge_left_without_its_address_or_down_is_repaired() {
+        let (mut st, mut k) = (State::default(), Fake::new());
+        // A setup killed during first-use bridge creation: the bridge exists, down, no address.
+        let idx = k.add_host_link(Link {
+            name: "netshim0".into(),
+            kind: Some("bridge".into()),
+            mac: Some(bridge_mac("netshim0")),
+            up: false,
+            ..Link::default()
+        });
+        let (_, r) = setup(&mut k, &mut st, "a", r#"[{"containerPort":80}]"#);
+        r.unwrap();
+        let br = k.host_link("netshim0").unwrap();
+        assert!(br.up, "bridge brought up");
+        assert!(
+            k.state(At::Host)
+                .addrs
+                .iter()
+                .any(|a| a.index == idx && a.ip == IpAddr::V4(Ipv4Addr::new(10, 213, 0, 1))),
+            "gateway address added"
+        );
+    }
+
+    #[test]
+    fn a_bridge_name_that_is_not_netshims_bridge_is_refused_and_left_alone() {
+        for (kind, mac) in [
+            (None, Some(MacAddr([2, 0, 0, 0, 0, 1]))),
+            (Some("bridge"), Some(MacAddr([2, 0, 0, 0, 0, 1]))),
+            (Some("veth"), Some(bridge_mac("netshim0"))),
+        ] {
+            let (mut st, mut k) = (State::default(), Fake::new());
+            k.add_host_link(Link {
+                name: "netshim0".into(),
+                kind: kind.map(String::from),
+                mac,
+                up: true,
+                ..Link::default()
+            });
+            let (_, r) = setup(&mut k, &mut st, "a", r#"[{"containerPort":80}]"#);
+            let e = format!("{:#}", r.unwrap_err());
+            assert!(
+                e.contains("names an existing interface netshim did not create"),
+                "{e}"
+            );
+            assert_eq!(k.host_link_names(), vec!["netshim0".to_string()]);
+            assert!(!k.calls.contains(&"repair_bridge".to_string()));
+        }
+    }
+
+    #[test]
     fn veth_names_are_short_stable_and_unique() {
-        let st = State::default();
+        let mut st = State::default();
         let n = veth_name("abc", &st);
         assert_eq!(n.len(), 11);
+        assert!(is_our_name(VETH_PREFIX, &n));
         assert_eq!(n, veth_name("abc", &st));
         assert_ne!(n, veth_name("abd", &st));
+        // Another container already holds the name "abc" hashes to: the salt picks another.
+        let mut other = ContainerRecord::new("zzz", NetworkMode::Bridge);
+        other.veth = Some(n.clone());
+        st.containers.insert("zzz".into(), other);
+        let salted = veth_name("abc", &st);
+        assert_ne!(salted, n);
+        assert_eq!(salted, format!("nsh{:08x}", fnv("abc#1")));
+        assert!(!is_our_name(VETH_PREFIX, "nsh1234567"));
+        assert!(!is_our_name(VETH_PREFIX, "eth012345678"));
     }
 }

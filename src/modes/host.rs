@@ -5,9 +5,11 @@ use anyhow::bail;
 
 use crate::alloc::{self, PortPolicy, PortProbe};
 use crate::config::Config;
-use crate::modes::bridge::dynamic_range;
+use crate::kernel::Kernel;
+use crate::modes::ModeFields;
+use crate::modes::bridge::{check_host_ips, dynamic_range};
 use crate::request::{HostPorts, NetworkRequest, PortMapping};
-use crate::state::{PortRecord, State};
+use crate::state::State;
 
 /// Claims `containerPort` on the host for every mapping (ECS: `hostPort` absent, 0 or equal).
 /// Checks the ledger (any mode), the reserved list and host listeners.
@@ -16,8 +18,9 @@ pub fn plan(
     state: &mut State,
     id: &str,
     req: &NetworkRequest,
+    k: &mut dyn Kernel,
     probe: &dyn PortProbe,
-) -> anyhow::Result<Vec<PortRecord>> {
+) -> anyhow::Result<ModeFields> {
     let claims: Vec<PortMapping> = req
         .mappings
         .iter()
@@ -36,6 +39,7 @@ pub fn plan(
             );
         }
     }
+    check_host_ips(k, req)?;
     let policy = PortPolicy {
         dynamic: dynamic_range(cfg),
         reserved: &cfg.reserved,
@@ -44,15 +48,20 @@ pub fn plan(
     for p in &mut ports {
         p.dynamic = false;
     }
-    Ok(ports)
+    Ok(ModeFields {
+        ports,
+        ..ModeFields::default()
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::alloc::NoProbe;
-    use crate::request::{NetworkMode, from_annotations};
-    use crate::state::ContainerRecord;
+    use crate::kernel::fake::Fake;
+    use crate::request::from_annotations;
+    use crate::state::{ContainerRecord, PortRecord};
+    use crate::types::NetworkMode;
     use std::collections::HashMap;
 
     fn req(mode: &str, maps: &str) -> NetworkRequest {
@@ -63,22 +72,9 @@ mod tests {
     }
 
     fn hold(state: &mut State, id: &str, mode: NetworkMode, ports: Vec<PortRecord>) {
-        state.containers.insert(
-            id.into(),
-            ContainerRecord {
-                id: id.into(),
-                mode,
-                service: None,
-                created: 0,
-                pid: None,
-                netns_inode: None,
-                ip: None,
-                veth: None,
-                bridge: None,
-                ports,
-                eni: None,
-            },
-        );
+        let mut r = ContainerRecord::new(id, mode);
+        r.ports = ports;
+        state.containers.insert(id.into(), r);
     }
 
     #[test]
@@ -92,9 +88,11 @@ mod tests {
                 "host",
                 r#"[{"containerPort":18181},{"containerPort":53,"hostPort":53,"protocol":"udp"}]"#,
             ),
+            &mut Fake::new(),
             &NoProbe,
         )
-        .unwrap();
+        .unwrap()
+        .ports;
         let mut got: Vec<u16> = p.iter().map(|r| r.host_port).collect();
         got.sort();
         assert_eq!(got, vec![53, 18181]);
@@ -114,6 +112,7 @@ mod tests {
             &mut st,
             "br",
             &req("bridge", r#"[{"containerPort":80,"hostPort":8080}]"#),
+            &mut Fake::new(),
             &NoProbe,
         )
         .unwrap();
@@ -123,6 +122,7 @@ mod tests {
             &mut st,
             "h",
             &req("host", r#"[{"containerPort":8080}]"#),
+            &mut Fake::new(),
             &NoProbe,
         )
         .unwrap_err();
@@ -138,15 +138,18 @@ mod tests {
             &mut st,
             "h",
             &req("host", r#"[{"containerPort":8080}]"#),
+            &mut Fake::new(),
             &NoProbe,
         )
-        .unwrap();
+        .unwrap()
+        .ports;
         hold(&mut st, "h", NetworkMode::Host, h);
         let e = crate::modes::bridge::plan(
             &cfg,
             &mut st,
             "br",
             &req("bridge", r#"[{"containerPort":80,"hostPort":8080}]"#),
+            &mut Fake::new(),
             &NoProbe,
         )
         .unwrap_err();
@@ -163,6 +166,7 @@ mod tests {
             &mut State::default(),
             "a",
             &req("host", r#"[{"containerPort":22}]"#),
+            &mut Fake::new(),
             &NoProbe,
         )
         .unwrap_err();

@@ -1,200 +1,185 @@
-//! The network modes. Each turns a request into kernel changes through [`Kernel`] and knows how
-//! to undo them from its [`ContainerRecord`] alone.
+//! The network modes, side by side: [`plan`] decides what a container gets (allocations and
+//! lookups, no kernel change), [`apply`] makes it so through the [`Kernel`] port with rollback,
+//! and [`release`] undoes it from the container's record alone. Each mode lives in its own file
+//! and returns its own record fields ([`ModeFields`]).
 
 pub mod awsvpc;
 pub mod bridge;
 pub mod host;
 
-use std::collections::BTreeMap;
+use std::fmt;
 use std::fs::File;
-use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
 
-use crate::kernel::netlink::{Netlink, NlError};
-use crate::kernel::nft::{Batch, Element, Nft, NftError, Set, TableRef};
-use crate::kernel::{conntrack, sysctl};
+use anyhow::Context;
 
-/// What the modes need from the kernel, small enough to fake in unit tests.
-pub trait Kernel {
-    /// Index of the link `name` in the host netns, `None` if absent.
-    fn link_index(&mut self, name: &str) -> Result<Option<u32>, NlError>;
-    /// Creates bridge `name` (up, fixed MAC) with `gateway/prefix` on it.
-    fn create_bridge(
-        &mut self,
-        name: &str,
-        mac: [u8; 6],
-        gateway: Ipv4Addr,
-        prefix: u8,
-    ) -> Result<u32, NlError>;
-    /// Host sysctls the bridge needs (forwarding; route_localnet on the bridge).
-    fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<()>;
-    /// veth pair: `host` on `master` here (up, hairpin on, no IPv6), `peer` inside `netns`.
-    fn add_veth(
-        &mut self,
-        host: &str,
-        master: u32,
-        peer: &str,
-        netns: &File,
-    ) -> Result<(), NlError>;
-    /// Inside `netns`: `lo` up, `ip/prefix` on `ifname`, default route via `gateway`.
-    fn configure_container(
-        &mut self,
-        netns: &File,
-        ifname: &str,
-        ip: Ipv4Addr,
-        prefix: u8,
-        gateway: Ipv4Addr,
-    ) -> Result<(), NlError>;
-    /// Inside `netns`: `lo` up (none mode).
-    fn loopback_up(&mut self, netns: &File) -> Result<(), NlError>;
-    /// Deletes a host link; `Ok(false)` if it was gone.
-    fn del_link(&mut self, name: &str) -> Result<bool, NlError>;
-    /// One nftables transaction: all of `batch` applies, or none of it.
-    fn nft(&mut self, batch: &Batch) -> Result<(), NftError>;
-    /// Rules per chain of `table` (one dump); `None` when the table does not exist.
-    fn nft_rule_counts(
-        &mut self,
-        table: &TableRef,
-    ) -> Result<Option<BTreeMap<String, usize>>, NftError>;
-    /// Every element of `set` in `table` (one dump).
-    fn nft_elements(&mut self, table: &TableRef, set: &Set) -> Result<Vec<Element>, NftError>;
-    /// Drops UDP conntrack entries for a host port.
-    fn flush_udp(&mut self, port: u16) -> io::Result<()>;
+use crate::config::Config;
+use crate::kernel::Kernel;
+use crate::kernel::probe::BindProbe;
+use crate::request::{EniSpec, IngressRule, NetworkRequest};
+use crate::state::{ContainerRecord, EniRecord, PortRecord, State};
+use crate::types::NetworkMode;
+
+/// What a mode's setup needs besides the kernel and the ledger.
+pub struct SetupCtx<'a> {
+    pub cfg: &'a Config,
+    pub state_dir: &'a Path,
+    pub id: &'a str,
+    pub req: &'a NetworkRequest,
+    /// awsvpc: the ENI, completed from instance metadata when it was given by MAC alone.
+    pub eni: Option<&'a EniSpec>,
+    /// The container's network namespace.
+    pub ns: &'a File,
+    pub pid: i32,
 }
 
-/// The real kernel, in the current (host) network namespace.
-pub struct HostKernel {
-    nl: Option<Netlink>,
-    nft: Option<Nft>,
+/// The parts of a container's record a mode fills in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModeFields {
+    pub ip: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
+    pub veth: Option<String>,
+    pub bridge: Option<String>,
+    pub ports: Vec<PortRecord>,
+    pub eni: Option<EniRecord>,
 }
 
-impl HostKernel {
-    pub fn new() -> Self {
-        HostKernel {
-            nl: None,
-            nft: None,
+impl ModeFields {
+    /// Copies the fields into `rec`.
+    pub fn fill(self, rec: &mut ContainerRecord) {
+        rec.ip = self.ip;
+        rec.ip6 = self.ip6;
+        rec.veth = self.veth;
+        rec.bridge = self.bridge;
+        rec.ports = self.ports;
+        rec.eni = self.eni;
+    }
+}
+
+/// Decides what the container gets: addresses, host ports, names, the ENI (allocated in
+/// `state`, which the caller persists as the pending record before [`apply`] touches the
+/// kernel). Reads the kernel, never changes it.
+pub fn plan(c: &SetupCtx, k: &mut dyn Kernel, state: &mut State) -> anyhow::Result<ModeFields> {
+    match c.req.mode {
+        NetworkMode::Bridge => bridge::plan(c.cfg, state, c.id, c.req, k, &BindProbe),
+        NetworkMode::Host => host::plan(c.cfg, state, c.id, c.req, k, &BindProbe),
+        NetworkMode::Awsvpc => awsvpc::plan(c, k, state),
+        NetworkMode::None => Ok(ModeFields::default()),
+    }
+}
+
+/// Makes the plan so. On error everything it did is undone (or the error says what is left).
+pub fn apply(
+    c: &SetupCtx,
+    k: &mut dyn Kernel,
+    state: &State,
+    f: &ModeFields,
+) -> anyhow::Result<()> {
+    match c.req.mode {
+        NetworkMode::Bridge => bridge::apply(k, c, state, f),
+        NetworkMode::Awsvpc => awsvpc::apply(k, c, state, f),
+        // Host claims live only in the ledger.
+        NetworkMode::Host => Ok(()),
+        NetworkMode::None => k.loopback_up(c.ns).context("bring lo up"),
+    }
+}
+
+/// Undoes one record's kernel state (whatever its mode, however far its setup got). Missing
+/// pieces are fine; real failures are all reported, none stops the others.
+pub fn release(
+    k: &mut dyn Kernel,
+    state: &State,
+    rec: &ContainerRecord,
+) -> Result<(), ReleaseErrors> {
+    let mut errs = ReleaseErrors::default();
+    match rec.mode {
+        NetworkMode::Bridge => bridge::teardown(k, state, rec, &mut errs),
+        NetworkMode::Awsvpc => awsvpc::teardown(k, state, rec, &mut errs),
+        // Host claims live only in the ledger; none mode's lo goes with its netns.
+        NetworkMode::Host | NetworkMode::None => {}
+    }
+    errs.into_result()
+}
+
+/// Applies the task's own firewall inside `ns`: instance metadata blocked (unless allowed) and,
+/// with `netshim.ingress`, new inbound connections admitted only by a rule.
+pub fn task_firewall(
+    k: &mut dyn Kernel,
+    ns: &File,
+    ingress: Option<&[IngressRule]>,
+    allow_metadata: bool,
+) -> anyhow::Result<()> {
+    let Some(batch) = crate::firewall::task_batch(ingress, allow_metadata)? else {
+        return Ok(());
+    };
+    k.nft_in(ns, &batch).context("program the task's firewall")
+}
+
+/// One thing a release could not undo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseError {
+    /// What was being done, e.g. "delete veth".
+    pub step: &'static str,
+    /// What it was done to, e.g. "nsh1a2b3c4d".
+    pub object: String,
+    /// The kernel's (or the file system's) answer.
+    pub cause: String,
+}
+
+impl fmt::Display for ReleaseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.object.is_empty() {
+            write!(f, "{}: {}", self.step, self.cause)
+        } else {
+            write!(f, "{} {}: {}", self.step, self.object, self.cause)
         }
     }
-
-    fn nl(&mut self) -> Result<&mut Netlink, NlError> {
-        if self.nl.is_none() {
-            self.nl = Some(Netlink::open()?);
-        }
-        // Set just above.
-        self.nl
-            .as_mut()
-            .ok_or_else(|| NlError::Decode("netlink socket".into()))
-    }
 }
 
-impl HostKernel {
-    fn nft_socket(&mut self) -> Result<&mut Nft, NftError> {
-        if self.nft.is_none() {
-            self.nft = Some(Nft::open()?);
-        }
-        // Set just above.
-        self.nft
-            .as_mut()
-            .ok_or_else(|| NftError::os(libc::EBADF, "nftables socket"))
-    }
-}
+/// Everything a release could not undo, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReleaseErrors(pub Vec<ReleaseError>);
 
-impl Default for HostKernel {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Kernel for HostKernel {
-    fn link_index(&mut self, name: &str) -> Result<Option<u32>, NlError> {
-        self.nl()?.index_of(name)
-    }
-
-    fn create_bridge(
+impl ReleaseErrors {
+    pub fn push(
         &mut self,
-        name: &str,
-        mac: [u8; 6],
-        gateway: Ipv4Addr,
-        prefix: u8,
-    ) -> Result<u32, NlError> {
-        let nl = self.nl()?;
-        nl.add_bridge(name, mac)?;
-        let idx = nl
-            .index_of(name)?
-            .ok_or_else(|| NlError::Io(io::Error::from_raw_os_error(libc::ENODEV)))?;
-        match nl.add_addr4(idx, gateway, prefix) {
-            Err(e) if !e.is(libc::EEXIST) => return Err(e),
-            _ => {}
-        }
-        Ok(idx)
+        step: &'static str,
+        object: impl fmt::Display,
+        cause: impl fmt::Display,
+    ) {
+        self.0.push(ReleaseError {
+            step,
+            object: object.to_string(),
+            cause: cause.to_string(),
+        });
     }
-
-    fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<()> {
-        sysctl::enable_ip_forward()?;
-        sysctl::enable_route_localnet(bridge)
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
+    pub fn into_result(self) -> Result<(), ReleaseErrors> {
+        if self.is_empty() { Ok(()) } else { Err(self) }
+    }
+}
 
-    fn add_veth(
-        &mut self,
-        host: &str,
-        master: u32,
-        peer: &str,
-        netns: &File,
-    ) -> Result<(), NlError> {
-        use std::os::fd::AsFd;
-        let nl = self.nl()?;
-        nl.add_veth(host, Some(master), None, peer, netns.as_fd())?;
-        if let Err(e) = nl.ready_bridge_port(host) {
-            let _ = nl.del_link(host);
-            return Err(e);
+impl fmt::Display for ReleaseErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
         }
         Ok(())
     }
+}
 
-    fn configure_container(
-        &mut self,
-        netns: &File,
-        ifname: &str,
-        ip: Ipv4Addr,
-        prefix: u8,
-        gateway: Ipv4Addr,
-    ) -> Result<(), NlError> {
-        use std::os::fd::AsFd;
-        let mut nl = Netlink::open_in(netns.as_fd())?;
-        nl.set_up("lo")?;
-        let idx = nl
-            .index_of(ifname)?
-            .ok_or_else(|| NlError::Io(io::Error::from_raw_os_error(libc::ENODEV)))?;
-        nl.set_up(ifname)?;
-        nl.add_addr4(idx, ip, prefix)?;
-        nl.add_route4(Ipv4Addr::UNSPECIFIED, 0, Some(gateway), idx)
-    }
+impl std::error::Error for ReleaseErrors {}
 
-    fn loopback_up(&mut self, netns: &File) -> Result<(), NlError> {
-        use std::os::fd::AsFd;
-        Netlink::open_in(netns.as_fd())?.set_up("lo")
-    }
-
-    fn del_link(&mut self, name: &str) -> Result<bool, NlError> {
-        self.nl()?.del_link(name)
-    }
-
-    fn nft(&mut self, batch: &Batch) -> Result<(), NftError> {
-        self.nft_socket()?.apply(batch)
-    }
-
-    fn nft_rule_counts(
-        &mut self,
-        table: &TableRef,
-    ) -> Result<Option<BTreeMap<String, usize>>, NftError> {
-        self.nft_socket()?.rule_counts(table)
-    }
-
-    fn nft_elements(&mut self, table: &TableRef, set: &Set) -> Result<Vec<Element>, NftError> {
-        self.nft_socket()?.elements(table, set)
-    }
-
-    fn flush_udp(&mut self, port: u16) -> io::Result<()> {
-        conntrack::flush_udp_dport(port)
+/// A setup error, with what its rollback could not undo (the one phrasing used everywhere).
+pub fn with_rollback(e: anyhow::Error, left: Result<(), ReleaseErrors>) -> anyhow::Error {
+    match left {
+        Ok(()) => e,
+        Err(left) => anyhow::anyhow!("{e:#} (rollback incomplete: {left}; `shim gc` retries)"),
     }
 }

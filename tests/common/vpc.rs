@@ -277,6 +277,8 @@ impl Vpc {
             ),
             ("metadata_layout".into(), "\"aws\"".into()),
             ("eni_wait_seconds".into(), "1".into()),
+            // The rig's ENIs are veth ends.
+            ("interface_kinds".into(), "[\"veth\"]".into()),
         ];
         for (k, v) in overrides {
             match keys.iter_mut().find(|(key, _)| key == k) {
