@@ -7,4 +7,5 @@ cd "$(dirname "$0")"
 bash scripts/deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-cargo test --release -- --test-threads=4
+cargo clippy --all-targets --features fault-injection -- -D warnings
+cargo test --release --features fault-injection -- --test-threads=4

@@ -3,13 +3,13 @@
 //! unit-tested without root.
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 
 use crate::request::{HostPorts, PortMapping};
 use crate::state::{PortRecord, State};
-use crate::types::{NetworkMode, PortRange, Protocol};
+use crate::types::{PortRange, Protocol};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AllocError {
@@ -69,38 +69,39 @@ impl PortProbe for NoProbe {
 /// Claims on one protocol/port: (host address or all, container id).
 type Claims = Vec<(Option<Ipv4Addr>, String)>;
 
-/// Who holds which host port, built from the ledger once per hook run.
-pub struct PortLedger {
-    held: HashMap<(Protocol, u16), Claims>,
+/// Who holds which host port: the ledger (asked port by port), plus what this request has
+/// claimed so far.
+pub struct PortLedger<'a> {
+    state: &'a State,
+    local: HashMap<(Protocol, u16), Claims>,
 }
 
-impl PortLedger {
-    pub fn from_state(state: &State) -> Self {
-        let mut held: HashMap<(Protocol, u16), Claims> = HashMap::new();
-        // awsvpc tasks listen on their own ENI address, not on the host's ports.
-        for c in state
-            .containers
-            .values()
-            .filter(|c| c.mode != NetworkMode::Awsvpc)
-        {
-            for p in &c.ports {
-                held.entry((p.protocol, p.host_port))
-                    .or_default()
-                    .push((p.host_ip, c.id.clone()));
-            }
+impl<'a> PortLedger<'a> {
+    pub fn new(state: &'a State) -> Self {
+        PortLedger {
+            state,
+            local: HashMap::new(),
         }
-        PortLedger { held }
     }
 
     /// The container holding `port` in a way that conflicts with a claim on `ip`.
-    pub fn holder(&self, proto: Protocol, port: u16, ip: Option<Ipv4Addr>) -> Option<&str> {
-        self.held.get(&(proto, port))?.iter().find_map(|(hip, id)| {
-            (hip.is_none() || ip.is_none() || *hip == ip).then_some(id.as_str())
-        })
+    pub fn holder(&self, proto: Protocol, port: u16, ip: Option<Ipv4Addr>) -> Option<String> {
+        let conflicts =
+            |(hip, _): &&(Option<Ipv4Addr>, String)| hip.is_none() || ip.is_none() || *hip == ip;
+        if let Some(c) = self.local.get(&(proto, port))
+            && let Some((_, id)) = c.iter().find(conflicts)
+        {
+            return Some(id.clone());
+        }
+        self.state
+            .port_holders(proto, port)
+            .iter()
+            .find(conflicts)
+            .map(|(_, id)| id.clone())
     }
 
     fn claim(&mut self, proto: Protocol, port: u16, ip: Option<Ipv4Addr>, id: &str) {
-        self.held
+        self.local
             .entry((proto, port))
             .or_default()
             .push((ip, id.to_string()));
@@ -111,6 +112,10 @@ impl PortLedger {
 pub struct PortPolicy<'a> {
     pub dynamic: PortRange,
     pub reserved: &'a [u16],
+    /// A port released less than this long ago is handed out only when nothing else is free.
+    pub reuse_delay: u64,
+    /// Now, in seconds since the epoch.
+    pub now: u64,
 }
 
 /// Assigns host ports to every mapping (ranges expanded), static ones checked, dynamic ones
@@ -122,7 +127,7 @@ pub fn allocate_ports(
     policy: &PortPolicy,
     probe: &dyn PortProbe,
 ) -> Result<Vec<PortRecord>, AllocError> {
-    let mut ledger = PortLedger::from_state(state);
+    let mut ledger = PortLedger::new(state);
     let reserved: HashSet<u16> = policy.reserved.iter().copied().collect();
     let mut cursor = state.cursors.port;
     let mut out = Vec::new();
@@ -141,7 +146,31 @@ pub fn allocate_ports(
                 r
             }
             HostPorts::Dynamic => {
-                let r = pick_dynamic(&ledger, &reserved, probe, m, policy.dynamic, cursor)?;
+                let recent = |p: u16| {
+                    state
+                        .released_at(m.protocol, p)
+                        .is_some_and(|t| policy.now < t.saturating_add(policy.reuse_delay))
+                };
+                let r = pick_dynamic(
+                    &ledger,
+                    &reserved,
+                    probe,
+                    m,
+                    policy.dynamic,
+                    cursor,
+                    &recent,
+                )
+                .or_else(|_| {
+                    pick_dynamic(
+                        &ledger,
+                        &reserved,
+                        probe,
+                        m,
+                        policy.dynamic,
+                        cursor,
+                        &|_| false,
+                    )
+                })?;
                 cursor = Some(r.end);
                 r
             }
@@ -180,7 +209,7 @@ pub fn check_static(
         return Err(AllocError::Held {
             proto,
             port,
-            holder: h.to_string(),
+            holder: h,
         });
     }
     if let Some(holder) = probe.holder(proto, port, ip) {
@@ -193,6 +222,7 @@ pub fn check_static(
     Ok(())
 }
 
+/// A next-fit pick of a contiguous run; `avoid` skips ports too (recently released ones).
 fn pick_dynamic(
     ledger: &PortLedger,
     reserved: &HashSet<u16>,
@@ -200,11 +230,13 @@ fn pick_dynamic(
     m: &PortMapping,
     range: PortRange,
     cursor: Option<u16>,
+    avoid: &dyn Fn(u16) -> bool,
 ) -> Result<PortRange, AllocError> {
     let need = m.container.count();
     let size = range.count();
     let free = |p: u16| {
         !reserved.contains(&p)
+            && !avoid(p)
             && ledger.holder(m.protocol, p, m.host_ip).is_none()
             && probe.holder(m.protocol, p, m.host_ip).is_none()
     };
@@ -257,21 +289,12 @@ fn pick_dynamic(
 /// Picks a container address next-fit: never the network, gateway or broadcast address, never
 /// one in the ledger. Advances the cursor in `state`.
 pub fn allocate_ip(state: &mut State, subnet: Ipv4Network) -> Result<Ipv4Addr, AllocError> {
-    let used: HashSet<Ipv4Addr> = state
-        .containers
-        .values()
-        .filter(|c| c.mode == NetworkMode::Bridge)
-        .filter_map(|c| c.ip)
-        .collect();
     let base = u32::from(subnet.network());
     let size: u64 = 1u64 << (32 - subnet.prefix());
     // Usable offsets: 2 ..= size-2 (0 network, 1 gateway, size-1 broadcast).
     let (lo, hi) = (2u64, size.saturating_sub(2));
     if hi < lo {
-        return Err(AllocError::NoAddress {
-            subnet,
-            used: used.len(),
-        });
+        return Err(AllocError::NoAddress { subnet, used: 0 });
     }
     let n = hi - lo + 1;
     let start = match state.cursors.ip {
@@ -288,14 +311,14 @@ pub fn allocate_ip(state: &mut State, subnet: Ipv4Network) -> Result<Ipv4Addr, A
     for k in 0..n {
         let off = lo + (start + k) % n;
         let ip = Ipv4Addr::from(base + off as u32);
-        if !used.contains(&ip) {
+        if state.ip_holder(IpAddr::V4(ip), "").is_none() {
             state.cursors.ip = Some(ip);
             return Ok(ip);
         }
     }
     Err(AllocError::NoAddress {
         subnet,
-        used: used.len(),
+        used: n as usize,
     })
 }
 
@@ -304,6 +327,7 @@ mod tests {
     use super::*;
     use crate::request::parse_mappings;
     use crate::state::ContainerRecord;
+    use crate::types::NetworkMode;
 
     struct Busy(Vec<u16>);
     impl PortProbe for Busy {
@@ -339,6 +363,8 @@ mod tests {
             &PortPolicy {
                 dynamic,
                 reserved: &reserved,
+                reuse_delay: 60,
+                now: 1000,
             },
             probe,
         )?;
@@ -369,7 +395,7 @@ mod tests {
         assert_eq!(b[0].host_port, 40001);
         assert!(a[0].dynamic);
         // Releasing a does not make the next pick reuse it at once (next-fit).
-        st.containers.remove("a");
+        st.remove("a", 990);
         let c = alloc(
             &mut st,
             "c",
@@ -636,5 +662,27 @@ mod tests {
             allocate_ip(&mut st, net).unwrap(),
             Ipv4Addr::new(10, 9, 0, 3)
         );
+    }
+
+    #[test]
+    fn a_recently_released_port_waits_unless_nothing_else_is_free() {
+        let mut st = State::default();
+        let maps = r#"[{"containerPort":80}]"#;
+        let a = alloc(&mut st, "a", maps, "40000-40001", &NoProbe).unwrap();
+        assert_eq!(a[0].host_port, 40000);
+        st.remove("a", 990);
+        // The cursor would wrap to 40000 after 40001, but 40000 was released 10 s ago.
+        let b = alloc(&mut st, "b", maps, "40000-40001", &NoProbe).unwrap();
+        assert_eq!(b[0].host_port, 40001);
+        st.remove("b", 995);
+        st.cursors.port = Some(40001);
+        let c = alloc(&mut st, "c", maps, "40000-40001", &NoProbe).unwrap();
+        assert_eq!(
+            c[0].host_port, 40000,
+            "next-fit wraps: both are recent, 40000 first"
+        );
+        // Exhausted but for a recent release: it is handed out rather than failing.
+        let d = alloc(&mut st, "d", maps, "40000-40001", &NoProbe).unwrap();
+        assert_eq!(d[0].host_port, 40001);
     }
 }

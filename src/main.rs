@@ -3,6 +3,7 @@
 mod alloc;
 mod commands;
 mod config;
+mod fault;
 mod firewall;
 mod kernel;
 mod metadata;
@@ -111,6 +112,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
 
 fn main() -> ExitCode {
     trace::init();
+    fault::list_if_asked();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => return usage_error(e),

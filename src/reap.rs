@@ -7,7 +7,7 @@ use crate::kernel::{At, Kernel, netns};
 use crate::modes::awsvpc::shared::VETH_PREFIX as SHARED_PREFIX;
 use crate::modes::bridge::{VETH_PREFIX, is_our_name};
 use crate::modes::{self, ReleaseErrors};
-use crate::state::{ContainerRecord, State};
+use crate::state::{ContainerRecord, Lock, State, StateDir, StateError};
 
 /// Whether the container's process still holds the netns recorded at setup.
 pub fn alive(rec: &ContainerRecord) -> bool {
@@ -28,34 +28,72 @@ pub struct Reaped {
     pub failed: Vec<(String, ReleaseErrors)>,
 }
 
-/// Releases every record whose process is gone and drops it from `state`.
-pub fn reap_dead(k: &mut dyn Kernel, state: &mut State) -> Reaped {
-    let dead: Vec<ContainerRecord> = state
-        .containers
-        .values()
-        .filter(|r| !alive(r))
-        .cloned()
-        .collect();
+/// Releases every committed record whose process is gone, and forgets it.
+pub fn reap_dead(
+    k: &mut dyn Kernel,
+    sd: &StateDir,
+    lock: &Lock,
+    state: &mut State,
+) -> Result<Reaped, StateError> {
+    let records = state.records();
+    state.io_result()?;
     let mut out = Reaped::default();
-    for rec in &dead {
+    for rec in records.iter().filter(|r| !alive(r)) {
         match modes::release(k, state, rec) {
             Ok(()) => {
-                state.containers.remove(&rec.id);
+                sd.forget(rec, state, lock)?;
                 out.released.push(rec.id.clone());
             }
             Err(e) => out.failed.push((rec.id.clone(), e)),
         }
     }
-    out
+    Ok(out)
+}
+
+/// Rolls back the intents of setups whose writer died (killed between recording its intent and
+/// committing): the kernel side from the intent, then its claims. Runs after every writer takes
+/// the lock, before it allocates anything, so what a dead setup held is never handed out twice.
+/// Returns the ids rolled back; one that cannot be undone now stays (with its claims) and is
+/// reported, so `shim gc` retries.
+pub fn recover(
+    k: &mut dyn Kernel,
+    sd: &StateDir,
+    lock: &Lock,
+    state: &mut State,
+) -> Result<Vec<String>, StateError> {
+    let mut done = Vec::new();
+    for p in sd.pending()? {
+        let committed = state
+            .record(&p.id)
+            .is_some_and(|c| c.pid == p.pid && c.netns_inode == p.netns_inode);
+        if committed {
+            sd.drop_intent(&p.id, lock)?;
+            continue;
+        }
+        match modes::release(k, state, &p) {
+            Ok(()) => {
+                sd.abandon(&p, lock)?;
+                done.push(p.id.clone());
+            }
+            Err(e) => eprintln!(
+                "shim: note: the unfinished setup of container {} could not be undone yet: {e} (`shim gc` retries)",
+                crate::output::escape_controls(&p.id)
+            ),
+        }
+    }
+    Ok(done)
 }
 
 /// Host veths of this instance that no record knows (a hook killed between creating and
 /// recording them): bridge veths on this instance's bridge, shared-ENI veths with netshim's
 /// name and MAC. Another instance's links are never listed.
-pub fn stray_links(k: &mut dyn Kernel, cfg: &Config, state: &State) -> anyhow::Result<Vec<String>> {
-    let known: Vec<&str> = state
-        .containers
-        .values()
+pub fn stray_links(
+    k: &mut dyn Kernel,
+    cfg: &Config,
+    records: &[ContainerRecord],
+) -> anyhow::Result<Vec<String>> {
+    let known: Vec<&str> = records
+        .iter()
         .flat_map(|c| {
             [
                 c.veth.as_deref(),

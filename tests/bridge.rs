@@ -213,7 +213,7 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         "baseline setup",
     );
     let bad = rig.container();
-    let before = fs::read(rig.state_dir().join("state.json")).unwrap();
+    let before = ledger_fingerprint(&rig.state_dir());
     let cases: &[(&str, &str, &[&str])] = &[
         ("bridge", r#"[{"containerPort":80"#, &["not valid JSON"]),
         ("overlay", "[]", &["unknown network mode \"overlay\""]),
@@ -276,7 +276,7 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         &["pid 999999999"],
     );
     assert_eq!(
-        fs::read(rig.state_dir().join("state.json")).unwrap(),
+        ledger_fingerprint(&rig.state_dir()),
         before,
         "state changed"
     );
@@ -287,15 +287,14 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
     fs::write(rig.config_path(), "[ports]\ndynamic_rnage = \"1-2\"\n").unwrap();
     must_fail_with(&rig.setup(bad, "[]"), &["dynamic_rnage"]);
     fs::write(rig.config_path(), CFG).unwrap();
-    // A corrupt state file is refused and left as it is.
-    fs::write(rig.state_dir().join("state.json"), b"{garbage").unwrap();
+    // A corrupt index is refused and left as it is.
+    let index = rig.state_dir().join("index.json");
+    let good = fs::read(&index).unwrap();
+    fs::write(&index, b"{garbage").unwrap();
     must_fail_with(&rig.setup(bad, "[]"), &["corrupt"]);
-    assert_eq!(
-        fs::read(rig.state_dir().join("state.json")).unwrap(),
-        b"{garbage"
-    );
+    assert_eq!(fs::read(&index).unwrap(), b"{garbage");
     assert_eq!(rig.veths().len(), 1);
-    fs::write(rig.state_dir().join("state.json"), &before).unwrap();
+    fs::write(&index, &good).unwrap();
 }
 
 #[test]

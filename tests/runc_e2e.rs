@@ -365,7 +365,7 @@ fn a_container_failing_after_network_setup_is_released_by_poststop() {
         "a container with a missing program must not start: {out}"
     );
     // The setup did run (the address cursor moved past web1's) and was undone.
-    let state = read_json(&lab.state_dir().join("state.json"));
+    let state = common::ledger_index(&lab.state_dir());
     assert_eq!(state["cursors"]["ip"], "10.213.0.3", "{state}");
     assert_eq!(lab.recorded(), vec![keep.clone()]);
     assert_eq!(lab.links("nsh").len(), 1, "{:?}", lab.links("nsh"));

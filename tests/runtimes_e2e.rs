@@ -848,7 +848,7 @@ fn failure_after_setup_is_released(rt: Rt) {
         !ok,
         "{rt:?}: a container with a missing program must not start: {out}"
     );
-    let state = read_json(&lab.state_dir().join("state.json"));
+    let state = common::ledger_index(&lab.state_dir());
     assert_eq!(
         state["cursors"]["ip"], "10.213.0.2",
         "{rt:?}: netshim's setup ran before the failure: {state}"

@@ -9,38 +9,67 @@ use crate::modes;
 use crate::reap;
 use crate::types::NetworkMode;
 
-/// Releases every container whose process is gone, and deletes this instance's links no record
-/// knows. Says what it did, one line each.
+/// Repairs whatever a crash, a firewall reload or a hand left behind, reconciling the kernel and
+/// the ledger in both directions, and says what it did, one line each: unfinished setups rolled
+/// back, corrupt records moved aside, containers whose process is gone released, claims no
+/// record holds dropped (and missing ones restored), this instance's links no record knows
+/// deleted, the bridge repaired, the firewall table rebuilt from the ledger when it is not whole.
 pub fn gc(g: &Globals) -> anyhow::Result<()> {
     let sd = g.state()?;
-    if !sd.state_path().exists() {
+    if !sd.exists() {
         return Ok(());
     }
     let cfg = g.load_config()?;
     let lock = sd.lock()?;
-    let mut state = sd.load()?;
+    let mut state = sd.open(&lock)?;
     let mut k = HostKernel::new();
-    let reaped = reap::reap_dead(&mut k, &mut state);
+    let mut failed: Vec<String> = Vec::new();
+    for id in reap::recover(&mut k, &sd, &lock, &mut state)? {
+        println!(
+            "rolled back the unfinished setup of {}",
+            crate::output::escape_controls(&id)
+        );
+    }
+    let (_, bad) = sd.load_lenient()?;
+    for (path, e) in bad {
+        let to = sd.quarantine(&path, &lock)?;
+        println!(
+            "moved corrupt record {} aside to {} ({e})",
+            path.display(),
+            to.display()
+        );
+    }
+    let reaped = reap::reap_dead(&mut k, &sd, &lock, &mut state)?;
     for id in &reaped.released {
         println!("released {}", crate::output::escape_controls(id));
     }
-    let mut failed: Vec<String> = reaped
-        .failed
-        .iter()
-        .map(|(id, e)| format!("{}: {e}", crate::output::escape_controls(id)))
-        .collect();
-    for name in reap::stray_links(&mut k, &cfg, &state)? {
+    failed.extend(
+        reaped
+            .failed
+            .iter()
+            .map(|(id, e)| format!("{}: {e}", crate::output::escape_controls(id))),
+    );
+    let records = state.records();
+    state.io_result()?;
+    let mut claimed = records.clone();
+    claimed.extend(sd.pending()?);
+    for change in sd
+        .claims()
+        .rebuild(claimed.iter())
+        .map_err(|e| anyhow::anyhow!("rebuild claims: {e}"))?
+    {
+        println!("{change}");
+    }
+    for name in reap::stray_links(&mut k, &cfg, &records)? {
         match k.del_link(&name) {
             Ok(_) => println!("deleted stray link {name}"),
             Err(e) => failed.push(format!("stray link {name}: {e}")),
         }
     }
-    // The firewall against the ledger: a damaged table rebuilt, stray or lost elements fixed.
-    match modes::bridge::repair_firewall(&mut k, &cfg, &state) {
+    match modes::bridge::reconcile(&mut k, &cfg, &records) {
         Ok(fixed) => fixed.iter().for_each(|f| println!("{f}")),
-        Err(e) => failed.push(format!("firewall: {e:#}")),
+        Err(e) => failed.push(format!("{e:#}")),
     }
-    sd.store(&state, &lock)?;
     if !failed.is_empty() {
         bail!("gc: {}", failed.join("; "));
     }
@@ -51,18 +80,18 @@ pub fn gc(g: &Globals) -> anyhow::Result<()> {
 pub fn reload(g: &Globals) -> anyhow::Result<()> {
     let cfg = g.load_config()?;
     let sd = g.state()?;
-    let _lock = sd.lock()?;
-    let state = sd.load()?;
+    let lock = sd.lock()?;
+    let mut state = sd.open(&lock)?;
+    reap::recover(&mut HostKernel::new(), &sd, &lock, &mut state)?;
+    let records = state.records();
+    state.io_result()?;
     let table = firewall::table_name(&cfg.bridge_name);
     let layout = Layout {
         table: &table,
         bridge: &cfg.bridge_name,
         subnet: cfg.subnet,
     };
-    let bridged = state
-        .containers
-        .values()
-        .filter(|c| c.mode == NetworkMode::Bridge);
+    let bridged = records.iter().filter(|c| c.mode == NetworkMode::Bridge);
     HostKernel::new().nft(&layout.rebuild(bridged)?)?;
     Ok(())
 }
@@ -72,21 +101,24 @@ pub fn reset(g: &Globals, force: bool) -> anyhow::Result<()> {
     let cfg = g.load_config()?;
     let sd = g.state()?;
     let lock = sd.lock()?;
-    let mut state = sd.load()?;
-    if !state.containers.is_empty() && !force {
+    let mut state = sd.open(&lock)?;
+    let mut k = HostKernel::new();
+    reap::recover(&mut k, &sd, &lock, &mut state)?;
+    let records = state.records();
+    state.io_result()?;
+    if !records.is_empty() && !force {
         bail!(
             "{} container(s) still recorded: delete them first (poststop releases them) or pass --force",
-            state.containers.len()
+            records.len()
         );
     }
-    let mut k = HostKernel::new();
     let mut failed = Vec::new();
-    for rec in state.containers.values() {
+    for rec in &records {
         if let Err(e) = modes::release(&mut k, &state, rec) {
             failed.push(format!("{}: {e}", crate::output::escape_controls(&rec.id)));
         }
+        sd.forget(rec, &mut state, &lock)?;
     }
-    state.containers.clear();
     let table = firewall::table_name(&cfg.bridge_name);
     if let Err(e) = k.nft(&firewall::delete_table(&table))
         && !e.is_missing()
@@ -107,7 +139,6 @@ pub fn reset(g: &Globals, force: bool) -> anyhow::Result<()> {
         )),
         None => {}
     }
-    sd.store(&state, &lock)?;
     if !failed.is_empty() {
         bail!(
             "reset: {} (the ledger is cleared; what is listed is left in the kernel)",

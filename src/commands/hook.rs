@@ -15,8 +15,9 @@ use anyhow::{Context, anyhow, bail};
 
 use crate::commands::Globals;
 use crate::config::Config;
+use crate::fault;
 use crate::kernel::{HostKernel, Kernel, netns};
-use crate::modes::{self, ModeFields, SetupCtx, awsvpc, with_rollback};
+use crate::modes::{self, SetupCtx, awsvpc, with_rollback};
 use crate::oci::{self, OciState};
 use crate::reap;
 use crate::request::{self, EniSpec, NetworkRequest};
@@ -125,8 +126,7 @@ fn prepare_eni(
     // host, so say so now rather than after the whole wait. The check under the lock decides.
     if let Ok(state) = sd.load() {
         if state
-            .containers
-            .get(&st.id)
+            .record(&st.id)
             .is_some_and(|r| r.netns_inode == Some(ns.inode) && r.pid == Some(ns.pid))
         {
             // Set up already (prestart and createRuntime both registered): its ENI is in the
@@ -166,8 +166,10 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
     let lock = sd
         .lock_within(cfg.lock_timeout)
         .with_context(|| format!("container {}", st.id))?;
+    fault::point("setup-locked");
     trace::mark("lock");
-    let mut state = sd.load()?;
+    let mut state = sd.open(&lock)?;
+    reap::recover(&mut k, &sd, &lock, &mut state)?;
     trace::mark("load-state");
     let ctx = SetupCtx {
         cfg: &cfg,
@@ -181,15 +183,8 @@ fn setup(g: &Globals, st: &OciState) -> anyhow::Result<()> {
     if settle_earlier(&mut k, &sd, &lock, &mut state, st, &ns)? {
         return Ok(());
     }
-    let fields = plan_and_apply(&ctx, &mut k, &sd, &lock, &mut state)?;
-    let mut rec = new_record(st, &req, &ns);
-    fields.fill(&mut rec);
-    state.containers.insert(st.id.clone(), rec.clone());
-    if let Err(e) = sd.store(&state, &lock) {
-        state.containers.remove(&st.id);
-        let left = modes::release(&mut k, &state, &rec);
-        return Err(with_rollback(e.into(), left));
-    }
+    let base = new_record(st, &req, &ns);
+    plan_and_apply(&ctx, &mut k, &sd, &lock, &mut state, &base)?;
     trace::mark("store-state");
     Ok(())
 }
@@ -218,7 +213,9 @@ fn settle_earlier(
     st: &OciState,
     ns: &Netns,
 ) -> anyhow::Result<bool> {
-    let Some(old) = state.containers.get(&st.id).cloned() else {
+    let old = state.record(&st.id);
+    state.io_result()?;
+    let Some(old) = old else {
         return Ok(false);
     };
     if old.netns_inode == Some(ns.inode) && old.pid == Some(ns.pid) {
@@ -238,9 +235,41 @@ fn settle_earlier(
             st.id
         );
     }
-    state.containers.remove(&st.id);
-    sd.store(state, lock)?;
+    sd.forget(&old, state, lock)?;
     Ok(false)
+}
+
+/// One attempt: plan, record the intent (and claims), apply, commit. A failure after the
+/// intent undoes the kernel side and abandons the intent, so nothing is left either way.
+fn attempt(
+    c: &SetupCtx,
+    k: &mut dyn Kernel,
+    sd: &StateDir,
+    lock: &Lock,
+    state: &mut State,
+    base: &ContainerRecord,
+) -> anyhow::Result<()> {
+    let f = modes::plan(c, k, state)?;
+    state.io_result()?;
+    trace::mark("plan");
+    let mut rec = base.clone();
+    f.clone().fill(&mut rec);
+    sd.begin(&rec, lock)?;
+    fault::point("setup-intent");
+    if let Err(e) = modes::apply(c, k, state, &f) {
+        return Err(match sd.abandon(&rec, lock) {
+            Ok(()) => e,
+            Err(x) => anyhow!("{e:#} (and abandoning its intent failed: {x}; `shim gc` retries)"),
+        });
+    }
+    fault::point("setup-applied");
+    if let Err(e) = sd.commit(&rec, state, lock) {
+        let left = modes::release(k, state, &rec);
+        let _ = sd.abandon(&rec, lock);
+        return Err(with_rollback(e.into(), left));
+    }
+    fault::point("setup-committed");
+    Ok(())
 }
 
 /// Step 5: plan and apply; when that fails, containers that died without a poststop may hold
@@ -251,25 +280,19 @@ fn plan_and_apply(
     sd: &StateDir,
     lock: &Lock,
     state: &mut State,
-) -> anyhow::Result<ModeFields> {
+    base: &ContainerRecord,
+) -> anyhow::Result<()> {
     let what = || format!("{} setup for container {}", c.req.mode, c.id);
-    let attempt = |k: &mut dyn Kernel, state: &mut State| -> anyhow::Result<ModeFields> {
-        let f = modes::plan(c, k, state)?;
-        trace::mark("plan");
-        modes::apply(c, k, state, &f)?;
-        Ok(f)
-    };
-    let saved = state.clone();
-    match attempt(k, state) {
-        Ok(f) => Ok(f),
+    let cursors = state.cursors.clone();
+    match attempt(c, k, sd, lock, state, base) {
+        Ok(()) => Ok(()),
         Err(first) => {
-            *state = saved;
-            let reaped = reap::reap_dead(k, state);
+            state.cursors = cursors;
+            let reaped = reap::reap_dead(k, sd, lock, state)?;
             if reaped.released.is_empty() {
                 return Err(first.context(what()));
             }
-            sd.store(state, lock)?;
-            attempt(k, state).with_context(what)
+            attempt(c, k, sd, lock, state, base).with_context(what)
         }
     }
 }
@@ -277,18 +300,21 @@ fn plan_and_apply(
 /// Poststop: from the state alone; idempotent; unknown ids are no-ops.
 pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
     let sd = g.state()?;
-    if !sd.state_path().exists() {
+    if !sd.exists() {
         return Ok(());
     }
     let cfg = g.load_config()?;
     let lock = sd
         .lock_within(cfg.lock_timeout)
         .with_context(|| format!("teardown of container {id}"))?;
-    let mut state = sd.load()?;
-    let Some(rec) = state.containers.get(id).cloned() else {
+    let mut state = sd.open(&lock)?;
+    let mut k = HostKernel::new();
+    reap::recover(&mut k, &sd, &lock, &mut state)?;
+    let rec = state.record(id);
+    state.io_result()?;
+    let Some(rec) = rec else {
         return Ok(());
     };
-    let mut k = HostKernel::new();
     // The kernel makes a veth deletion wait 20 ms or more for RCU grace periods. The bridge veth
     // is deleted after the ledger is committed and the lock released, so concurrent teardowns
     // and setups do not queue behind that wait. Its address is not handed out again at once
@@ -303,8 +329,9 @@ pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
         // Keep the record so `shim gc` can finish the job.
         bail!("teardown of container {id}: {errs} (kept in the state; `shim gc` retries)");
     }
-    state.containers.remove(id);
-    sd.store(&state, &lock)?;
+    fault::point("teardown-released");
+    sd.forget(&rec, &mut state, &lock)?;
+    fault::point("teardown-forgotten");
     drop(lock);
     if let Some(v) = veth {
         k.del_link(&v).with_context(|| {

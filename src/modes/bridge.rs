@@ -35,6 +35,19 @@ pub fn dynamic_range(cfg: &Config) -> PortRange {
         })
 }
 
+/// The port policy in force: the dynamic range, reserved ports and reuse delay of `cfg`.
+pub fn port_policy(cfg: &Config) -> PortPolicy<'_> {
+    PortPolicy {
+        dynamic: dynamic_range(cfg),
+        reserved: &cfg.reserved,
+        reuse_delay: cfg.reuse_delay.as_secs(),
+        now: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
+}
+
 /// FNV-1a: short, stable names (veths) and MACs derived from ids and names.
 pub fn fnv(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
@@ -66,12 +79,7 @@ pub fn is_our_name(prefix: &str, name: &str) -> bool {
 
 /// Host-side veth name: stable for an id, 11 characters, unique in the ledger.
 pub fn veth_name(id: &str, state: &State) -> String {
-    link_name(VETH_PREFIX, id, &|n| {
-        state
-            .containers
-            .values()
-            .any(|c| c.id != id && c.veth.as_deref() == Some(n))
-    })
+    link_name(VETH_PREFIX, id, &|n| state.link_holder(n, id).is_some())
 }
 
 /// The bridge's fixed MAC: containers' ARP entries for the gateway survive a bridge re-creation,
@@ -110,11 +118,7 @@ pub fn plan(
     probe: &dyn PortProbe,
 ) -> anyhow::Result<ModeFields> {
     check_host_ips(k, req)?;
-    let policy = PortPolicy {
-        dynamic: dynamic_range(cfg),
-        reserved: &cfg.reserved,
-    };
-    let ports = alloc::allocate_ports(state, id, &req.mappings, &policy, probe)?;
+    let ports = alloc::allocate_ports(state, id, &req.mappings, &port_policy(cfg), probe)?;
     let ip = alloc::allocate_ip(state, cfg.subnet)?;
     let veth = veth_name(id, state);
     Ok(ModeFields {
@@ -212,9 +216,10 @@ fn ensure_bridge(
             let i = k
                 .create_bridge(br, bridge_mac(br), gw, prefix)
                 .with_context(|| format!("create bridge {br}"))?;
+            // First use (rare): whether any record names this bridge.
             let others = state
-                .containers
-                .values()
+                .records()
+                .iter()
                 .any(|c| c.bridge.as_deref() == Some(br));
             if !others {
                 undo.push(Undo::DelLink(br.to_string()));
@@ -239,6 +244,7 @@ fn apply_steps(
     let gw = cfg.gateway();
     let prefix = cfg.subnet.prefix();
     let master = ensure_bridge(k, cfg, state, undo)?;
+    crate::fault::point("bridge-created");
     k.bridge_sysctls(br).context("set forwarding sysctls")?;
     trace::mark("bridge");
 
@@ -268,12 +274,14 @@ fn apply_steps(
         r => r.with_context(|| format!("create veth {veth}"))?,
     }
     undo.push(Undo::DelLink(veth.to_string()));
+    crate::fault::point("bridge-veth");
     trace::mark("veth");
 
     k.configure_container(netns, CONTAINER_IF, ip, prefix, gw)
         .with_context(|| {
             format!("configure {CONTAINER_IF} ({ip}/{prefix} via {gw}) in the container")
         })?;
+    crate::fault::point("bridge-container");
     trace::mark("container-side");
 
     // The table (NAT for egress, DNAT maps): checked with one rule dump, rebuilt from the ledger
@@ -292,11 +300,10 @@ fn apply_steps(
     let add = firewall::add_elements(&table, ip, ports);
     let added = health == Health::Ok && k.nft(&add).is_ok();
     if !added {
-        let others = state
-            .containers
-            .values()
-            .any(|c| c.bridge.as_deref() == Some(br));
-        let mut batch = layout.rebuild(state.containers.values())?;
+        // Rare (first use, a firewall reload or flush): the whole ledger is read.
+        let records = state.records();
+        let others = records.iter().any(|c| c.bridge.as_deref() == Some(br));
+        let mut batch = layout.rebuild(records.iter())?;
         batch.extend(add);
         k.nft(&batch)
             .map_err(|e| anyhow!("{e} (the table was {})", describe(&health)))
@@ -305,6 +312,7 @@ fn apply_steps(
             undo.push(Undo::DelTable(table.clone()));
         }
     }
+    crate::fault::point("bridge-nft");
     trace::mark("nft");
     if !ports.is_empty() {
         let del = firewall::delete_elements(&table, ports, &|p| still_mapped(state, "", p));
@@ -326,13 +334,39 @@ fn describe(h: &Health) -> String {
     }
 }
 
-/// Makes the firewall table match the ledger (for `shim gc`): rebuilt when missing (while
-/// bridge containers need it) or damaged; otherwise map and set elements no record knows are
-/// deleted and those a record needs are added back. Returns what it fixed.
+/// `shim gc`'s part for the bridge: netshim's bridge repaired (up, with its gateway address)
+/// when it exists, and the firewall made to match the ledger ([`repair_firewall`]). Returns
+/// what it did.
+pub fn reconcile(
+    k: &mut dyn Kernel,
+    cfg: &Config,
+    records: &[ContainerRecord],
+) -> anyhow::Result<Vec<String>> {
+    let br = cfg.bridge_name.as_str();
+    let mut out = Vec::new();
+    if let Some(l) = k.link(br).context("look up bridge")?
+        && l.kind.as_deref() == Some("bridge")
+        && l.mac == Some(bridge_mac(br))
+    {
+        let fixed = k
+            .repair_bridge(l.index, l.up, cfg.gateway(), cfg.subnet.prefix())
+            .with_context(|| format!("repair bridge {br}"))?;
+        if !fixed.is_empty() {
+            out.push(format!("repaired bridge {br}: {}", fixed.join(", ")));
+        }
+    }
+    out.extend(repair_firewall(k, cfg, records).context("firewall")?);
+    Ok(out)
+}
+
+/// Makes the firewall table match the ledger: rebuilt atomically when missing (while bridge
+/// containers need it) or damaged (chains or rules missing, found with one rule dump);
+/// otherwise map and set elements no record knows (a crash between the kernel and the ledger)
+/// are deleted and those a record needs are added back. Returns what it fixed.
 pub fn repair_firewall(
     k: &mut dyn Kernel,
     cfg: &Config,
-    state: &State,
+    records: &[ContainerRecord],
 ) -> anyhow::Result<Vec<String>> {
     let table = firewall::table_name(&cfg.bridge_name);
     let layout = Layout {
@@ -341,9 +375,8 @@ pub fn repair_firewall(
         subnet: cfg.subnet,
     };
     let t = layout.table_ref();
-    let bridged: Vec<&ContainerRecord> = state
-        .containers
-        .values()
+    let bridged: Vec<&ContainerRecord> = records
+        .iter()
         .filter(|c| c.mode == NetworkMode::Bridge)
         .collect();
     let health = layout.health(k.nft_rule_counts(&t)?.as_ref())?;
@@ -352,7 +385,7 @@ pub fn repair_firewall(
         Health::Ok => {}
         h => {
             k.nft(&layout.rebuild(bridged.iter().copied())?)
-                .context("rebuild the firewall table")?;
+                .context("rebuild the firewall table from the ledger")?;
             return Ok(vec![format!(
                 "rebuilt firewall table {t} ({})",
                 describe(h)
@@ -373,12 +406,10 @@ pub fn repair_firewall(
 
 /// Whether another container (not `except`) still maps `p`'s protocol and host port.
 fn still_mapped(state: &State, except: &str, p: &PortRecord) -> bool {
-    state.containers.values().any(|c| {
-        c.id != except
-            && c.ports
-                .iter()
-                .any(|q| q.protocol == p.protocol && q.host_port == p.host_port)
-    })
+    state
+        .port_holders(p.protocol, p.host_port)
+        .iter()
+        .any(|(_, id)| id != except)
 }
 
 /// Undoes a container's bridge setup from its record alone. Missing pieces (already deleted,
@@ -594,27 +625,31 @@ mod tests {
         r.unwrap();
         st.containers.insert("a".into(), record("a", &p));
         assert_eq!(k.elements().len(), 4);
-        let fixed = repair_firewall(&mut k, &cfg, &st).unwrap();
+        let fixed = repair_firewall(&mut k, &cfg, &st.records()).unwrap();
         assert_eq!(fixed.len(), 2, "{fixed:?}");
         assert!(fixed.iter().all(|f| f.starts_with("deleted stray element")));
         assert_eq!(k.elements().len(), 2, "{:?}", k.elements());
-        assert!(repair_firewall(&mut k, &cfg, &st).unwrap().is_empty());
+        assert!(
+            repair_firewall(&mut k, &cfg, &st.records())
+                .unwrap()
+                .is_empty()
+        );
         // A flushed table is rebuilt, with the ledger's mappings.
         k.nft.flush(&host_table());
-        let fixed = repair_firewall(&mut k, &cfg, &st).unwrap();
+        let fixed = repair_firewall(&mut k, &cfg, &st.records()).unwrap();
         assert!(
             fixed[0].contains("rebuilt firewall table ip netshim (damaged"),
             "{fixed:?}"
         );
         assert_eq!(k.elements().len(), 2);
-        assert!(repair_firewall(&mut k, &cfg, &st).unwrap().is_empty());
-        // No table and no bridge container: nothing to create.
-        let mut empty = Fake::new();
         assert!(
-            repair_firewall(&mut empty, &cfg, &State::default())
+            repair_firewall(&mut k, &cfg, &st.records())
                 .unwrap()
                 .is_empty()
         );
+        // No table and no bridge container: nothing to create.
+        let mut empty = Fake::new();
+        assert!(repair_firewall(&mut empty, &cfg, &[]).unwrap().is_empty());
         assert!(empty.nft.tables.is_empty());
     }
 

@@ -3,11 +3,11 @@
 
 use anyhow::bail;
 
-use crate::alloc::{self, PortPolicy, PortProbe};
+use crate::alloc::{self, PortProbe};
 use crate::config::Config;
 use crate::kernel::Kernel;
 use crate::modes::ModeFields;
-use crate::modes::bridge::{check_host_ips, dynamic_range};
+use crate::modes::bridge::{check_host_ips, port_policy};
 use crate::request::{HostPorts, NetworkRequest, PortMapping};
 use crate::state::State;
 
@@ -40,11 +40,7 @@ pub fn plan(
         }
     }
     check_host_ips(k, req)?;
-    let policy = PortPolicy {
-        dynamic: dynamic_range(cfg),
-        reserved: &cfg.reserved,
-    };
-    let mut ports = alloc::allocate_ports(state, id, &claims, &policy, probe)?;
+    let mut ports = alloc::allocate_ports(state, id, &claims, &port_policy(cfg), probe)?;
     for p in &mut ports {
         p.dynamic = false;
     }

@@ -492,19 +492,9 @@ impl World {
             .clone()
     }
 
-    /// Container ids in the state file, sorted.
+    /// Container ids of the committed records, sorted.
     pub fn recorded(&self) -> Vec<String> {
-        let path = self.state_dir().join("state.json");
-        if !path.exists() {
-            return Vec::new();
-        }
-        let v = read_json(&path);
-        let mut ids: Vec<String> = v["containers"]
-            .as_object()
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default();
-        ids.sort();
-        ids
+        super::ledger_ids(&self.state_dir())
     }
 
     /// Links in H whose name starts with `prefix`.
@@ -572,8 +562,11 @@ impl World {
 
     /// Prints netshim's state file (for a failing test).
     pub fn dump_state(&self) {
-        if let Ok(s) = fs::read_to_string(self.state_dir().join("state.json")) {
-            eprintln!("--- state.json: {s}");
+        for id in self.recorded() {
+            eprintln!(
+                "--- record {id}: {:?}",
+                super::ledger_record(&self.state_dir(), &id)
+            );
         }
     }
 }

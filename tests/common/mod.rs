@@ -262,11 +262,17 @@ impl Rig {
 
     /// Runs `shim` inside the host namespace with the rig's state dir and config.
     pub fn shim(&self, args: &[&str], stdin: &str) -> Output {
+        self.shim_env(args, stdin, &[])
+    }
+
+    /// [`Rig::shim`] with more environment variables (e.g. `NETSHIM_FAULT`).
+    pub fn shim_env(&self, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
         let mut c = command_in(&self.host, SHIM);
         c.args(args)
             .env_clear()
             .env("NETSHIM_STATE_DIR", self.state_dir())
             .env("NETSHIM_CONFIG", self.config_path())
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -368,18 +374,9 @@ impl Rig {
         run(command_in(&self.host, "/usr/sbin/nft").args(args))
     }
 
-    /// The state file's containers (empty if the file is absent).
+    /// The ids of the committed records (empty if there are none).
     pub fn recorded(&self) -> Vec<String> {
-        match fs::read(self.state_dir().join("state.json")) {
-            Ok(b) => {
-                let v: serde_json::Value = serde_json::from_slice(&b).expect("state json");
-                v["containers"]
-                    .as_object()
-                    .map(|m| m.keys().cloned().collect())
-                    .unwrap_or_default()
-            }
-            Err(_) => vec![],
-        }
+        ledger_ids(&self.state_dir())
     }
 }
 
@@ -491,8 +488,58 @@ pub fn must_fail_with(o: &Output, needles: &[&str]) {
     }
 }
 
-pub fn path_exists(p: &Path) -> bool {
-    p.exists()
+/// The ids of the committed records in a state dir, sorted.
+pub fn ledger_ids(state_dir: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = fs::read_dir(state_dir.join("containers"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    n.strip_suffix(".json")
+                        .filter(|_| !n.starts_with('.'))
+                        .map(String::from)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// A committed record, as JSON.
+pub fn ledger_record(state_dir: &Path, id: &str) -> Option<serde_json::Value> {
+    let b = fs::read(state_dir.join("containers").join(format!("{id}.json"))).ok()?;
+    Some(serde_json::from_slice(&b).expect("record json"))
+}
+
+/// The ledger's index (cursors, revision), `null` if absent.
+pub fn ledger_index(state_dir: &Path) -> serde_json::Value {
+    fs::read(state_dir.join("index.json"))
+        .map(|b| serde_json::from_slice(&b).expect("index json"))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Every file of a state dir but the lock (whose content names its last holder), with its
+/// bytes: equal before and after means nothing in the ledger changed.
+pub fn ledger_fingerprint(state_dir: &Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(base).unwrap_or(&p).display().to_string();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else if rel != "lock" {
+                out.push((rel, fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(state_dir, state_dir, &mut out);
+    out.sort();
+    out
 }
 
 /// Mount points at or under `dir` (in this process's mount namespace, which the shim shares).

@@ -7,7 +7,7 @@ use anyhow::{Context, anyhow, bail};
 use crate::kernel::{At, Kernel, Link, LinkChange};
 use crate::modes::awsvpc::eligible::{self, Use};
 use crate::modes::awsvpc::exclusive::{TASK_IF, configure};
-use crate::modes::awsvpc::{find, holders, pin_path};
+use crate::modes::awsvpc::{find, pin_path};
 use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, with_rollback};
 use crate::request::EniSpec;
 use crate::state::{EniRecord, State};
@@ -25,24 +25,21 @@ pub fn plan(
         .branch
         .ok_or_else(|| anyhow!("branch ENI without trunk and VLAN"))?;
     eligible::check(k, c.cfg, state, c.id, trunk, Use::Trunk)?;
-    for h in holders(state, c.id) {
-        let Some(e) = &h.eni else { continue };
-        if e.trunk == Some(b.trunk_mac) && e.vlan == Some(b.vlan) {
-            bail!(
-                "VLAN {} on trunk {} ({}) is already in use by task {}: each branch ENI has its own VLAN id",
-                b.vlan,
-                b.trunk_mac,
-                trunk.name,
-                crate::output::escape_controls(&h.id)
-            );
-        }
-        if e.mac == eni.mac {
-            bail!(
-                "branch ENI {} is already held by task {}",
-                eni.mac,
-                crate::output::escape_controls(&h.id)
-            );
-        }
+    if let Some(h) = state.vlan_holder(b.trunk_mac, b.vlan, c.id) {
+        bail!(
+            "VLAN {} on trunk {} ({}) is already in use by task {}: each branch ENI has its own VLAN id",
+            b.vlan,
+            b.trunk_mac,
+            trunk.name,
+            crate::output::escape_controls(&h)
+        );
+    }
+    if let Some(h) = state.eni_holders(eni.mac, c.id).first() {
+        bail!(
+            "branch ENI {} is already held by task {}",
+            eni.mac,
+            crate::output::escape_controls(&h.id)
+        );
     }
     let links = k.links(At::Host).context("list links")?;
     if let Some(v) = links

@@ -11,10 +11,10 @@ use anyhow::{Context, bail};
 
 use crate::config::Config;
 use crate::kernel::{At, Kernel, Link};
-use crate::modes::awsvpc::holders;
 use crate::modes::awsvpc::shared::{HOST_VETH_MAC, TABLE_BASE, VETH_PREFIX as SHARED_PREFIX};
 use crate::modes::bridge::{VETH_PREFIX, bridge_mac, is_our_name};
 use crate::state::State;
+use crate::state::claims::TRUNK;
 use crate::types::Attachment;
 
 /// What the interface is wanted for.
@@ -142,32 +142,27 @@ pub fn in_use(state: &State, id: &str, link: &Link, purpose: Use) -> anyhow::Res
         Use::Trunk => "trunk",
         _ => "ENI",
     };
-    for c in holders(state, id) {
-        let Some(e) = &c.eni else { continue };
-        let holds_it = e.mac == this || e.trunk == Some(this);
-        if !holds_it {
-            continue;
-        }
-        let as_trunk = e.attachment == Attachment::Branch && e.trunk == Some(this);
+    for h in state.eni_holders(this, id) {
+        let role = h.detail.as_str();
         let compatible = match purpose {
-            Use::Shared => e.attachment == Attachment::Shared && e.mac == this,
-            Use::Trunk => as_trunk,
+            Use::Shared => role == Attachment::Shared.as_str(),
+            Use::Trunk => role == TRUNK,
             Use::Exclusive => false,
         };
         if !compatible {
-            let how = if as_trunk {
+            let how = if role == TRUNK {
                 "as the trunk of its branch ENI".to_string()
             } else {
-                format!("as its {} ENI", e.attachment)
+                format!("as its {role} ENI")
             };
-            let svc = c
-                .service
-                .as_deref()
+            let svc = state
+                .record(&h.id)
+                .and_then(|r| r.service)
                 .map(|s| format!(" (service {s})"))
                 .unwrap_or_default();
             bail!(
                 "{what} {this} is already given to task {}{svc} {how}: an interface serves one task unless both share it",
-                crate::output::escape_controls(&c.id)
+                crate::output::escape_controls(&h.id)
             );
         }
     }

@@ -85,6 +85,7 @@ fn steps(
     k.pin_netns(c.pid, pin)
         .with_context(|| format!("pin the task's netns at {}", pin.display()))?;
     done.pinned = true;
+    crate::fault::point("awsvpc-pinned");
     // The original name travels with the interface too, for whoever finds it later.
     k.set_alias(link.index, &format!("{ALIAS_PREFIX}{}", link.name))
         .context("record the original name in the link alias")?;
@@ -92,6 +93,7 @@ fn steps(
     k.move_link(At::Host, link.index, At::Netns(c.ns), TASK_IF)
         .with_context(|| format!("move {} into the task's netns as {TASK_IF}", link.name))?;
     done.moved = true;
+    crate::fault::point("awsvpc-moved");
     configure(k, c.ns, eni).context("configure the ENI in the task")
 }
 

@@ -112,17 +112,6 @@ pub fn pin_path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("netns").join(id)
 }
 
-/// Records of other tasks holding an ENI of the host.
-pub fn holders<'a>(
-    state: &'a State,
-    except: &'a str,
-) -> impl Iterator<Item = &'a ContainerRecord> + 'a {
-    state
-        .containers
-        .values()
-        .filter(move |c| c.id != except && c.mode == NetworkMode::Awsvpc && c.eni.is_some())
-}
-
 /// Refuses at once, from the ledger alone, an ENI (or trunk) another task holds in a way that
 /// excludes this request: such an interface will not appear on the host, so waiting for it is
 /// pointless. The full check runs under the lock.

@@ -28,19 +28,13 @@ pub const HOST_VETH_MAC: MacAddr = MacAddr([0xee, 0xee, 0xee, 0xee, 0xee, 0xee])
 /// Prefix of the host end of a shared-ENI task's veth (`nsa` + 8 hex digits).
 pub const VETH_PREFIX: &str = "nsa";
 
-/// Tasks on the shared ENI `mac`, other than `except`.
-pub fn users<'a>(
-    state: &'a State,
-    mac: MacAddr,
-    except: &'a str,
-) -> impl Iterator<Item = &'a ContainerRecord> {
-    state.containers.values().filter(move |c| {
-        c.id != except
-            && c.mode == NetworkMode::Awsvpc
-            && c.eni
-                .as_ref()
-                .is_some_and(|e| e.mac == mac && e.attachment == Attachment::Shared)
-    })
+/// How many tasks other than `except` use the shared ENI `mac`.
+pub fn users(state: &State, mac: MacAddr, except: &str) -> usize {
+    state
+        .eni_holders(mac, except)
+        .iter()
+        .filter(|h| h.detail == Attachment::Shared.as_str())
+        .count()
 }
 
 /// Checks the ENI and picks a free secondary address: never the host's own, never one another
@@ -71,17 +65,11 @@ pub fn plan(
             a.ip()
         );
     }
-    let taken: Vec<Ipv4Addr> = state
-        .containers
-        .values()
-        .filter(|r| r.id != c.id)
-        .filter_map(|r| r.ip)
-        .collect();
-    let used = users(state, eni.mac, c.id).count();
+    let used = users(state, eni.mac, c.id);
     let pick = eni
         .ipv4
         .iter()
-        .find(|a| !taken.contains(&a.ip()))
+        .find(|a| state.ip_holder(IpAddr::V4(a.ip()), c.id).is_none())
         .ok_or_else(|| {
             anyhow!(
                 "no free secondary IP on ENI {} ({used} of {} in use): add secondary addresses to the ENI or use another one",
@@ -94,12 +82,7 @@ pub fn plan(
     let gw = eni
         .gateway4()
         .ok_or_else(|| anyhow!("ENI {}: no gateway", eni.mac))?;
-    let veth = link_name(VETH_PREFIX, c.id, &|n| {
-        state
-            .containers
-            .values()
-            .any(|r| r.id != c.id && r.eni.as_ref().and_then(|e| e.veth.as_deref()) == Some(n))
-    });
+    let veth = link_name(VETH_PREFIX, c.id, &|n| state.link_holder(n, c.id).is_some());
     Ok(ModeFields {
         ip: Some(ip),
         eni: Some(EniRecord {
@@ -158,7 +141,7 @@ pub fn apply(
     let mut full = ContainerRecord::new(c.id, NetworkMode::Awsvpc);
     f.clone().fill(&mut full);
     release(k, state, &full, rec, &mut left);
-    let first_user = users(state, rec.mac, c.id).next().is_none();
+    let first_user = users(state, rec.mac, c.id) == 0;
     if first_user {
         if let Some(v) = &done.proxy_arp_was
             && let Err(x) = k.set_conf(&rec.name, "proxy_arp", v)
@@ -234,6 +217,7 @@ fn steps(
     }
     k.add_pair(veth, Some(HOST_VETH_MAC), "eth0", c.ns)
         .with_context(|| format!("create veth {veth}"))?;
+    crate::fault::point("awsvpc-shared-veth");
     let vidx = k
         .link(veth)
         .context("look up the new veth")?
@@ -341,7 +325,7 @@ pub fn release(
         errs.push("delete veth", v, e);
     }
     // The ENI's table goes with its last task.
-    if users(state, rec.mac, &task.id).next().is_some() {
+    if users(state, rec.mac, &task.id) > 0 {
         return;
     }
     let (Some(table), Some(subnet), Some(gw)) = (
