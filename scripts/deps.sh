@@ -12,6 +12,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# The VM lab (tests/vm/): qemu and Debian's own 6.1 kernel, whose modules the guest loads from
+# /lib/modules. Without recommends (they would bring apparmor, which changes how runtimes confine
+# containers, and qemu's GUI). INITRD=No: the lab builds its own initrd and this host never boots
+# the kernel, so its postinst skips update-initramfs (30 MB in /boot, a minute); with no
+# bootloader installed nothing else touches the boot setup.
+vm_pkgs=(qemu-system-x86 linux-image-amd64 cpio)
+vm_missing=()
+for p in "${vm_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || vm_missing+=("$p")
+done
+if [ ${#vm_missing[@]} -gt 0 ]; then
+  echo "installing for the VM lab: ${vm_missing[*]}"
+  [ ${#missing[@]} -gt 0 ] || apt-get update -qq
+  INITRD=No DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${vm_missing[@]}" >/dev/null
+fi
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     echo "cargo is in ~/.cargo/bin: add it to PATH" >&2

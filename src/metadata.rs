@@ -1,14 +1,18 @@
 //! Instance metadata: the facts of an ENI given only by MAC, in the AWS or the Alibaba layout.
-//! A minimal HTTP/1.0 client over one TCP connection per request, with bounded retries.
+//!
+//! The service is trusted no more than the tenant: every answer is capped ([`MAX_BODY`]), every
+//! lookup has one overall deadline ([`DEADLINE`]) however slowly the server drips bytes, a token
+//! with control characters is refused (it would inject a header), and no error repeats more of
+//! a body than a short, escaped excerpt. HTTP through `ureq` (no TLS, no redirects).
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 
 use crate::config::{AwsvpcConfig, MetadataLayout};
+use crate::request::quote;
 use crate::types::MacAddr;
 
 /// What the metadata service says about one ENI.
@@ -20,61 +24,122 @@ pub struct EniFacts {
 }
 
 const ATTEMPTS: u32 = 3;
-const TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest answer read; the facts netshim asks for are a few hundred bytes.
+pub const MAX_BODY: u64 = 64 * 1024;
+/// One lookup (all its requests and retries) ends by then.
+pub const DEADLINE: Duration = Duration::from_secs(5);
+/// A connection attempt.
+const CONNECT: Duration = Duration::from_millis(1000);
 
-/// One HTTP request: (status, body).
-fn http(
-    endpoint: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> std::io::Result<(u16, String)> {
-    let addr = endpoint
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::other("no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    s.set_write_timeout(Some(TIMEOUT))?;
-    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {endpoint}\r\n");
-    for (k, v) in headers {
-        req += &format!("{k}: {v}\r\n");
-    }
-    req += "Content-Length: 0\r\n\r\n";
-    s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other("malformed HTTP response"))?;
-    Ok((status, body.to_string()))
+/// One lookup's client and what is left of its deadline.
+struct Client {
+    endpoint: String,
+    end: Instant,
 }
 
-/// GET with retries on connection errors and 5xx; `Ok(None)` on 404.
-fn get(endpoint: &str, path: &str, token: Option<&str>) -> anyhow::Result<Option<String>> {
-    let headers: Vec<(&str, &str)> = token
-        .map(|t| vec![("X-aws-ec2-metadata-token", t)])
-        .unwrap_or_default();
-    let mut last = None;
-    for attempt in 0..ATTEMPTS {
-        if attempt > 0 {
-            std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
-        }
-        match http(endpoint, "GET", path, &headers) {
-            Ok((200, body)) => return Ok(Some(body)),
-            Ok((404, _)) => return Ok(None),
-            Ok((code, _)) if code < 500 => bail!("instance metadata {endpoint}{path}: HTTP {code}"),
-            Ok((code, _)) => last = Some(anyhow!("HTTP {code}")),
-            Err(e) => last = Some(anyhow!(e)),
+impl Client {
+    fn new(endpoint: &str) -> Client {
+        Client {
+            endpoint: endpoint.to_string(),
+            end: Instant::now() + DEADLINE,
         }
     }
-    Err(last.unwrap_or_else(|| anyhow!("no answer"))).with_context(|| {
-        format!("instance metadata {endpoint}{path}: no answer after {ATTEMPTS} attempts")
-    })
+
+    fn left(&self) -> anyhow::Result<Duration> {
+        let now = Instant::now();
+        if now >= self.end {
+            bail!(
+                "instance metadata {}: no complete answer within {}s",
+                self.endpoint,
+                DEADLINE.as_secs()
+            );
+        }
+        Ok(self.end - now)
+    }
+
+    /// One request: (status, body), the body capped at [`MAX_BODY`].
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        header: Option<(&str, &str)>,
+    ) -> anyhow::Result<(u16, String)> {
+        let left = self.left()?;
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(left))
+            .timeout_connect(Some(CONNECT.min(left)))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_response_header_size(16 * 1024)
+            .build()
+            .into();
+        let url = format!("http://{}{path}", self.endpoint);
+        let mut resp = match method {
+            "PUT" => {
+                let mut r = agent.put(&url);
+                if let Some((k, v)) = header {
+                    r = r.header(k, v);
+                }
+                r.send_empty()
+            }
+            _ => {
+                let mut r = agent.get(&url);
+                if let Some((k, v)) = header {
+                    r = r.header(k, v);
+                }
+                r.call()
+            }
+        }
+        .map_err(|e| anyhow!("{e}"))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY)
+            .read_to_string()
+            .map_err(|e| anyhow!("reading the answer: {e} (at most {MAX_BODY} bytes are read)"))?;
+        Ok((status, body))
+    }
+
+    /// GET with retries on connection errors and 5xx; `Ok(None)` on 404.
+    fn get(&self, path: &str, token: Option<&str>) -> anyhow::Result<Option<String>> {
+        let header = token.map(|t| ("X-aws-ec2-metadata-token", t));
+        let ep = &self.endpoint;
+        let mut last = None;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                let pause = Duration::from_millis(200 * u64::from(attempt));
+                std::thread::sleep(pause.min(self.left()?));
+            }
+            match self.request("GET", path, header) {
+                Ok((200, body)) => return Ok(Some(body)),
+                Ok((404, _)) => return Ok(None),
+                Ok((code, _)) if code < 500 => bail!("instance metadata {ep}{path}: HTTP {code}"),
+                Ok((code, _)) => last = Some(anyhow!("HTTP {code}")),
+                Err(e) => {
+                    if self.left().is_err() {
+                        return Err(e.context(format!("instance metadata {ep}{path}")));
+                    }
+                    last = Some(e)
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("no answer"))).with_context(|| {
+            format!("instance metadata {ep}{path}: no answer after {ATTEMPTS} attempts")
+        })
+    }
+}
+
+/// A session token as the service sent it, if it is one a header can carry.
+fn token(body: &str) -> anyhow::Result<String> {
+    let t = body.trim();
+    if t.is_empty() || t.len() > 1024 || t.chars().any(|c| c.is_control()) {
+        bail!(
+            "instance metadata: the session token {} is not one a header can carry (empty, too long or with control characters)",
+            quote(t)
+        );
+    }
+    Ok(t.to_string())
 }
 
 fn unknown(mac: &MacAddr, endpoint: &str) -> anyhow::Error {
@@ -86,62 +151,77 @@ fn unknown(mac: &MacAddr, endpoint: &str) -> anyhow::Error {
 
 /// Looks an ENI up by MAC.
 pub fn lookup(cfg: &AwsvpcConfig, mac: &MacAddr) -> anyhow::Result<EniFacts> {
+    let c = Client::new(&cfg.metadata_endpoint);
     let ep = cfg.metadata_endpoint.as_str();
-    let base = format!("/latest/meta-data/network/interfaces/macs/{}/", mac);
+    let base = format!("/latest/meta-data/network/interfaces/macs/{mac}/");
     match cfg.metadata_layout {
         MetadataLayout::Aws => {
             // IMDSv2 first; an endpoint without tokens (IMDSv1) is used without one.
-            let token = match http(
-                ep,
+            let token = match c.request(
                 "PUT",
                 "/latest/api/token",
-                &[("X-aws-ec2-metadata-token-ttl-seconds", "60")],
+                Some(("X-aws-ec2-metadata-token-ttl-seconds", "60")),
             ) {
-                Ok((200, t)) => Some(t.trim().to_string()),
+                Ok((200, t)) => Some(token(&t)?),
                 _ => None,
             };
             let t = token.as_deref();
-            let ips =
-                get(ep, &(base.clone() + "local-ipv4s"), t)?.ok_or_else(|| unknown(mac, ep))?;
-            let cidr =
-                get(ep, &(base.clone() + "subnet-ipv4-cidr-block"), t)?.ok_or_else(|| {
-                    anyhow!("instance metadata: no subnet-ipv4-cidr-block for {}", mac)
-                })?;
-            let subnet: Ipv4Network = cidr
-                .trim()
-                .parse()
-                .with_context(|| format!("instance metadata: subnet {cidr:?}"))?;
+            let ips = c
+                .get(&(base.clone() + "local-ipv4s"), t)?
+                .ok_or_else(|| unknown(mac, ep))?;
+            let cidr = c
+                .get(&(base.clone() + "subnet-ipv4-cidr-block"), t)?
+                .ok_or_else(|| anyhow!("instance metadata: no subnet-ipv4-cidr-block for {mac}"))?;
+            let subnet: Ipv4Network = cidr.trim().parse().map_err(|_| {
+                anyhow!(
+                    "instance metadata: subnet {} is not a CIDR",
+                    quote(cidr.trim())
+                )
+            })?;
+            let gateway4 = u32::from(subnet.network())
+                .checked_add(1)
+                .map(Ipv4Addr::from)
+                .filter(|g| subnet.prefix() <= 30 && subnet.contains(*g));
             let mut facts = EniFacts {
                 ipv4: parse_v4_list(&ips, subnet.prefix())?,
                 ipv6: vec![],
-                gateway4: Some(Ipv4Addr::from(u32::from(subnet.network()) + 1)),
+                gateway4,
             };
-            if let Some(v6) = get(ep, &(base + "ipv6s"), t)? {
+            if let Some(v6) = c.get(&(base + "ipv6s"), t)? {
                 for a in v6.split_whitespace() {
-                    facts.ipv6.push(
-                        format!("{a}/64")
-                            .parse()
-                            .with_context(|| format!("instance metadata: ipv6 {a:?}"))?,
-                    );
+                    facts.ipv6.push(format!("{a}/64").parse().map_err(|_| {
+                        anyhow!("instance metadata: {} is not an IPv6 address", quote(a))
+                    })?);
                 }
             }
             Ok(facts)
         }
         MetadataLayout::Alibaba => {
-            let ips = get(ep, &(base.clone() + "private-ipv4s"), None)?
+            let ips = c
+                .get(&(base.clone() + "private-ipv4s"), None)?
                 .ok_or_else(|| unknown(mac, ep))?;
-            let mask = get(ep, &(base.clone() + "netmask"), None)?.unwrap_or_default();
-            let mask: Ipv4Addr = mask
-                .trim()
-                .parse()
-                .with_context(|| format!("instance metadata: netmask {mask:?}"))?;
-            let prefix = u32::from(mask).leading_ones() as u8;
-            let gw = get(ep, &(base + "gateway"), None)?.and_then(|g| g.trim().parse().ok());
+            let mask = c
+                .get(&(base.clone() + "netmask"), None)?
+                .unwrap_or_default();
+            let mask: Ipv4Addr = mask.trim().parse().map_err(|_| {
+                anyhow!(
+                    "instance metadata: netmask {} is not an address",
+                    quote(mask.trim())
+                )
+            })?;
+            let bits = u32::from(mask);
+            let prefix = bits.leading_ones();
+            if bits.checked_shl(prefix).unwrap_or(0) != 0 {
+                bail!("instance metadata: netmask {mask} is not contiguous");
+            }
+            let gw = c
+                .get(&(base + "gateway"), None)?
+                .and_then(|g| g.trim().parse().ok());
             // A JSON array of strings, or one address per line.
             let list: Vec<String> = serde_json::from_str(ips.trim())
                 .unwrap_or_else(|_| ips.split_whitespace().map(String::from).collect());
             Ok(EniFacts {
-                ipv4: parse_v4_list(&list.join("\n"), prefix)?,
+                ipv4: parse_v4_list(&list.join("\n"), prefix as u8)?,
                 ipv6: vec![],
                 gateway4: gw,
             })
@@ -151,10 +231,11 @@ pub fn lookup(cfg: &AwsvpcConfig, mac: &MacAddr) -> anyhow::Result<EniFacts> {
 
 fn parse_v4_list(text: &str, prefix: u8) -> anyhow::Result<Vec<Ipv4Network>> {
     text.split_whitespace()
+        .take(256)
         .map(|a| {
             let ip: Ipv4Addr = a
                 .parse()
-                .with_context(|| format!("instance metadata: address {a:?}"))?;
+                .map_err(|_| anyhow!("instance metadata: {} is not an IPv4 address", quote(a)))?;
             Ok(Ipv4Network::new(ip, prefix)?)
         })
         .collect()
@@ -169,5 +250,24 @@ mod tests {
         let l = parse_v4_list("10.0.1.5\n10.0.1.6\n", 24).unwrap();
         assert_eq!(l[1].to_string(), "10.0.1.6/24");
         assert!(parse_v4_list("nope", 24).is_err());
+    }
+
+    #[test]
+    fn tokens_that_would_inject_a_header_are_refused() {
+        assert_eq!(token("  abc-DEF==\n").unwrap(), "abc-DEF==");
+        for bad in ["a\r\nX-Evil: 1", "", "\u{1b}[2J", &"t".repeat(2000)] {
+            let e = token(bad).unwrap_err().to_string();
+            assert!(e.contains("not one a header can carry"), "{bad:?}: {e}");
+            assert!(!e.contains('\n') && !e.contains('\r'), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn bodies_reach_errors_only_as_short_escaped_excerpts() {
+        let e = parse_v4_list(&format!("{}\u{1b}[2J", "x".repeat(10_000)), 24)
+            .unwrap_err()
+            .to_string();
+        assert!(e.len() < 200, "{} bytes", e.len());
+        assert!(!e.contains('\u{1b}'), "{e:?}");
     }
 }

@@ -56,6 +56,8 @@ pub struct Fake {
     /// rollback can use the same step).
     pub fail_at: Option<&'static str>,
     pub fail_once: bool,
+    /// Each conntrack flush asked for.
+    pub flushes: Vec<String>,
     /// Pins opened later, mapped onto their namespace.
     aliases: HashMap<i32, Ns>,
     next_index: u32,
@@ -329,7 +331,8 @@ impl Kernel for Fake {
         self.nft.elements(table, set)
     }
 
-    fn flush_udp(&mut self, _: u16) -> io::Result<()> {
+    fn flush_udp(&mut self, stale: super::conntrack::Stale<'_>) -> io::Result<()> {
+        self.flushes.push(format!("{stale:?}"));
         self.io_step("flush_udp")
     }
 

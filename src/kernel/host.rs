@@ -22,6 +22,7 @@ pub struct HostKernel {
     inner: Option<(u64, Netlink)>,
     nft: Option<Nft>,
     home: Option<File>,
+    ct: conntrack::Conntrack,
 }
 
 fn enodev() -> NlError {
@@ -192,8 +193,8 @@ impl Kernel for HostKernel {
         self.nft_socket()?.elements(table, set)
     }
 
-    fn flush_udp(&mut self, port: u16) -> io::Result<()> {
-        conntrack::flush_udp_dport(port)
+    fn flush_udp(&mut self, stale: conntrack::Stale<'_>) -> io::Result<()> {
+        self.ct.flush(stale).map(|_| ())
     }
 
     fn links(&mut self, at: At) -> Result<Vec<Link>, NlError> {

@@ -141,8 +141,8 @@ pub trait Kernel {
     ) -> Result<Option<BTreeMap<String, usize>>, NftError>;
     /// Every element of `set` in a host table (one dump).
     fn nft_elements(&mut self, table: &TableRef, set: &Set) -> Result<Vec<Element>, NftError>;
-    /// Drops UDP conntrack entries for a host port.
-    fn flush_udp(&mut self, port: u16) -> io::Result<()>;
+    /// Drops stale UDP conntrack entries (all of a setup's ports, or a container's) at once.
+    fn flush_udp(&mut self, stale: conntrack::Stale<'_>) -> io::Result<()>;
 
     // ---- primitives (awsvpc, checks, gc) ---------------------------------------------------
     /// Every link in a namespace.

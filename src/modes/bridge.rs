@@ -13,6 +13,7 @@ use anyhow::{Context, anyhow, bail};
 use crate::alloc::{self, PortPolicy, PortProbe};
 use crate::config::{Config, FALLBACK_DYNAMIC_RANGE};
 use crate::firewall::{self, Health, Layout};
+use crate::kernel::conntrack::{HostPort, Stale};
 use crate::kernel::nft::Batch;
 use crate::kernel::{At, Kernel, sysctl};
 use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, task_firewall, with_rollback};
@@ -317,10 +318,10 @@ fn apply_steps(
     if !ports.is_empty() {
         let del = firewall::delete_elements(&table, ports, &|p| still_mapped(state, "", p));
         undo.push(Undo::Nft(firewall::concat(&del)));
-        for p in ports.iter().filter(|p| p.protocol == Protocol::Udp) {
-            k.flush_udp(p.host_port).with_context(|| {
-                format!("flush UDP conntrack entries for host port {}", p.host_port)
-            })?;
+        let udp = udp_host_ports(ports);
+        if !udp.is_empty() {
+            k.flush_udp(Stale::HostPorts(&udp))
+                .context("flush stale UDP conntrack entries for the host ports")?;
         }
     }
     Ok(())
@@ -404,6 +405,18 @@ pub fn repair_firewall(
     Ok(report)
 }
 
+/// The UDP host ports among `ports`, for one conntrack flush.
+fn udp_host_ports(ports: &[PortRecord]) -> Vec<HostPort> {
+    ports
+        .iter()
+        .filter(|p| p.protocol == Protocol::Udp)
+        .map(|p| HostPort {
+            addr: p.host_ip,
+            port: p.host_port,
+        })
+        .collect()
+}
+
 /// Whether another container (not `except`) still maps `p`'s protocol and host port.
 fn still_mapped(state: &State, except: &str, p: &PortRecord) -> bool {
     state
@@ -434,10 +447,14 @@ pub fn teardown(
                 }
             }
         }
-        for p in rec.ports.iter().filter(|p| p.protocol == Protocol::Udp) {
-            if let Err(e) = k.flush_udp(p.host_port) {
-                errs.push("flush UDP conntrack for port", p.host_port, e);
-            }
+        trace::mark("nft");
+        // Everything DNATed to this container goes, all ports in one request.
+        let udp = udp_host_ports(&rec.ports);
+        let stale = rec.ip.map_or(Stale::HostPorts(&udp), Stale::RepliesFrom);
+        if !udp.is_empty()
+            && let Err(e) = k.flush_udp(stale)
+        {
+            errs.push("flush UDP conntrack entries of", &rec.id, e);
         }
     }
     if let Some(v) = &rec.veth
@@ -518,6 +535,47 @@ mod tests {
         // Idempotent: a second teardown finds nothing and reports nothing.
         teardown(&mut k, &st, &rec, &mut errs);
         assert!(errs.is_empty(), "{errs}");
+    }
+
+    #[test]
+    fn one_conntrack_flush_per_setup_and_per_teardown_whatever_the_udp_ports() {
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let maps = r#"[{"containerPort":80},{"containerPortRange":"5000-5009","protocol":"udp"},{"containerPort":53,"hostPort":15353,"protocol":"udp"}]"#;
+        let (p, r) = setup(&mut k, &mut st, "a", maps);
+        r.unwrap();
+        assert_eq!(k.flushes.len(), 1, "{:?}", k.flushes);
+        let udp: Vec<u16> = p
+            .ports
+            .iter()
+            .filter(|x| x.protocol == Protocol::Udp)
+            .map(|x| x.host_port)
+            .collect();
+        assert_eq!(udp.len(), 11);
+        for port in &udp {
+            assert!(k.flushes[0].contains(&format!("port: {port} ")), "{port}");
+        }
+        let tcp = p
+            .ports
+            .iter()
+            .find(|x| x.protocol == Protocol::Tcp)
+            .unwrap();
+        assert!(!k.flushes[0].contains(&format!("port: {} ", tcp.host_port)));
+        let rec = record("a", &p);
+        st.containers.insert("a".into(), rec.clone());
+        let mut errs = ReleaseErrors::default();
+        teardown(&mut k, &st, &rec, &mut errs);
+        assert!(errs.is_empty(), "{errs}");
+        assert_eq!(k.flushes.len(), 2);
+        assert_eq!(
+            k.flushes[1],
+            format!("{:?}", Stale::RepliesFrom(p.ip.unwrap()))
+        );
+        // TCP only: no flush at all.
+        let (p2, r) = setup(&mut k, &mut st, "b", r#"[{"containerPort":80}]"#);
+        r.unwrap();
+        teardown(&mut k, &st, &record("b", &p2), &mut errs);
+        assert!(errs.is_empty(), "{errs}");
+        assert_eq!(k.flushes.len(), 2);
     }
 
     #[test]

@@ -193,8 +193,9 @@ impl ClaimDir {
         self.write(c, &f)
     }
 
-    /// Drops `id` from `c`; a host port whose last holder goes remembers when (`now`).
-    pub fn remove(&self, c: &Claim, id: &str, now: u64) -> io::Result<()> {
+    /// Drops `id` from `c`; a host port whose last holder goes remembers when (`now`; `None`
+    /// for a claim that was never used, as an abandoned setup's).
+    pub fn remove(&self, c: &Claim, id: &str, now: Option<u64>) -> io::Result<()> {
         let mut f = self.read(c)?;
         let before = f.holders.len();
         f.holders.retain(|h| h.id != id);
@@ -202,7 +203,7 @@ impl ClaimDir {
             return Ok(());
         }
         if f.holders.is_empty() && matches!(c, Claim::Port(..)) {
-            f.released = Some(now);
+            f.released = now;
         }
         self.write(c, &f)
     }
@@ -333,8 +334,8 @@ mod tests {
         c.add(&p, "b", "127.0.0.1").unwrap();
         let f = c.read(&p).unwrap();
         assert_eq!(f.holders.len(), 2);
-        c.remove(&p, "a", 7).unwrap();
-        c.remove(&p, "b", 9).unwrap();
+        c.remove(&p, "a", Some(7)).unwrap();
+        c.remove(&p, "b", Some(9)).unwrap();
         let f = c.read(&p).unwrap();
         assert!(f.holders.is_empty());
         assert_eq!(f.released, Some(9));
@@ -343,7 +344,7 @@ mod tests {
         assert_eq!(c.read(&p).unwrap().released, None);
         let l = Claim::Link("nsh00000001".into());
         c.add(&l, "a", "").unwrap();
-        c.remove(&l, "a", 1).unwrap();
+        c.remove(&l, "a", Some(1)).unwrap();
         assert!(!c.root.join("link/nsh00000001").exists());
         fs::remove_dir_all(&c.root).unwrap();
     }

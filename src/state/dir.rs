@@ -473,8 +473,8 @@ impl StateDir {
         Ok(())
     }
 
-    fn drop_claims(&self, r: &ContainerRecord) -> Result<(), StateError> {
-        let (cd, t) = (self.claims(), now());
+    fn drop_claims(&self, r: &ContainerRecord, used: bool) -> Result<(), StateError> {
+        let (cd, t) = (self.claims(), used.then(now));
         for (c, _) in claims_of(r) {
             cd.remove(&c, &r.id, t)
                 .map_err(|e| io_err(&cd.root.join(c.rel_path()), e))?;
@@ -511,7 +511,7 @@ impl StateDir {
 
     /// Gives up an intent whose kernel side was undone: its claims go, then the intent.
     pub fn abandon(&self, r: &ContainerRecord, _lock: &Lock) -> Result<(), StateError> {
-        self.drop_claims(r)?;
+        self.drop_claims(r, false)?;
         let p = record_path(&self.pending_dir(), &r.id);
         remove(&p).map_err(|e| io_err(&p, e))?;
         Ok(())
@@ -552,6 +552,18 @@ impl StateDir {
     /// Intents of setups that did not finish (their writer died: only a lock holder writes
     /// them, and it finishes or abandons them before letting go).
     pub fn pending(&self) -> Result<Vec<ContainerRecord>, StateError> {
+        // Temp files of writes a kill interrupted: never read, safe to drop under the lock.
+        for d in [self.pending_dir(), self.records()] {
+            if let Ok(entries) = fs::read_dir(&d) {
+                for e in entries.flatten() {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    if n.starts_with('.') && n.ends_with(".tmp") {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
         read_records(&self.pending_dir()).map(|(r, bad)| {
             // An intent that does not parse held nothing that is not also in its claims:
             // drop it; `shim gc` reconciles claims and kernel objects.
@@ -575,7 +587,7 @@ impl StateDir {
         if let Ok(d) = File::open(self.records()) {
             let _ = d.sync_all();
         }
-        self.drop_claims(r)?;
+        self.drop_claims(r, true)?;
         st.revision += 1;
         self.write_index(st)
     }
