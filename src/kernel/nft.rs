@@ -273,8 +273,10 @@ fn check_name(kind: &str, name: &str) -> Result<(), NftError> {
 struct Encoder {
     out: Vec<u8>,
     seq: u32,
-    /// (sequence number, description) of every message that expects an ack.
-    acked: Vec<(u32, String)>,
+    /// (sequence number, description) of every message of the transaction.
+    described: Vec<(u32, String)>,
+    /// Where the last of them starts in `out`: only it asks for an ack.
+    last: Option<usize>,
     next_set_id: u32,
     /// Transaction ids of the named sets this batch creates.
     set_ids: BTreeMap<(TableRef, String), u32>,
@@ -285,7 +287,8 @@ impl Encoder {
         Encoder {
             out: Vec::with_capacity(4096),
             seq: first_seq,
-            acked: Vec::new(),
+            described: Vec::new(),
+            last: None,
             next_set_id: 1,
             set_ids: BTreeMap::new(),
         }
@@ -300,7 +303,7 @@ impl Encoder {
         what: Option<String>,
     ) {
         let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags | if what.is_some() { NLM_F_ACK } else { 0 };
+        header.flags = NLM_F_REQUEST | flags;
         header.sequence_number = self.seq;
         let msg = NetfilterMessage::new(NetfilterHeader::new(family, 0, res_id), inner);
         let mut nl = NetlinkMessage::new(header, NetlinkPayload::from(msg));
@@ -309,7 +312,8 @@ impl Encoder {
         self.out.resize(start + nl.buffer_len(), 0);
         nl.serialize(&mut self.out[start..]);
         if let Some(w) = what {
-            self.acked.push((self.seq, w));
+            self.described.push((self.seq, w));
+            self.last = Some(start);
         }
         self.seq = self.seq.wrapping_add(1);
     }
@@ -516,10 +520,68 @@ fn element_attr(e: &Element) -> ListAttribute<SetElementAttribute> {
 }
 
 /// The bytes of a whole transaction and the messages whose acks it waits for.
-type Encoded = (Vec<u8>, Vec<(u32, String)>, u32, u32);
+/// A transaction ready to send.
+#[derive(Debug)]
+struct Encoded {
+    bytes: Vec<u8>,
+    /// (seq, description) of every message.
+    described: Vec<(u32, String)>,
+    /// The batch-begin message's seq (a refused batch is answered there).
+    begin: u32,
+    /// The last message's seq: the only one that asks for an ack. The kernel answers every
+    /// failing message anyway and processes the whole batch, so this answer comes last, and a
+    /// large batch costs one ack instead of one per message.
+    last: Option<u32>,
+    next_seq: u32,
+}
 
-/// The bytes of a transaction, the (seq, description) of every acked message, the batch's
-/// begin seq and the next free seq.
+/// Runs of element adds (or of deletes) merged per set, so a teardown of 1,000 mappings is a
+/// few messages, not 2,000 (elements of one kind commute; nothing else is reordered).
+fn coalesce(ops: &[Op]) -> Vec<Op> {
+    let mut out: Vec<Op> = Vec::with_capacity(ops.len());
+    let mut run_start = 0;
+    for op in ops {
+        let merged = match op {
+            Op::AddElements(t, s, es) | Op::DelElements(t, s, es) => {
+                let add = matches!(op, Op::AddElements(..));
+                let same_kind = out[run_start..].iter().all(|o| {
+                    matches!(
+                        (o, add),
+                        (Op::AddElements(..), true) | (Op::DelElements(..), false)
+                    )
+                });
+                if !same_kind {
+                    run_start = out.len();
+                }
+                let target = out[run_start..].iter_mut().find_map(|o| match o {
+                    Op::AddElements(t2, s2, e2) | Op::DelElements(t2, s2, e2)
+                        if t2 == t && s2 == s =>
+                    {
+                        Some(e2)
+                    }
+                    _ => None,
+                });
+                match target {
+                    Some(e2) => {
+                        e2.extend(es.iter().cloned());
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => {
+                run_start = out.len() + 1;
+                false
+            }
+        };
+        if !merged {
+            out.push(op.clone());
+        }
+    }
+    out
+}
+
+/// Encodes a transaction starting at `first_seq`.
 fn encode(batch: &Batch, first_seq: u32) -> Result<Encoded, NftError> {
     let mut e = Encoder::new(first_seq);
     let begin = e.seq;
@@ -530,8 +592,13 @@ fn encode(batch: &Batch, first_seq: u32) -> Result<Encoded, NftError> {
         0,
         None,
     );
-    for op in &batch.ops {
+    for op in &coalesce(&batch.ops) {
         e.op(op)?;
+    }
+    let last = e.described.last().map(|(seq, _)| *seq);
+    if let Some(off) = e.last {
+        let flags = u16::from_ne_bytes([e.out[off + 6], e.out[off + 7]]) | NLM_F_ACK;
+        e.out[off + 6..off + 8].copy_from_slice(&flags.to_ne_bytes());
     }
     e.message(
         NetfilterProtoFamily::Unspec,
@@ -540,7 +607,13 @@ fn encode(batch: &Batch, first_seq: u32) -> Result<Encoded, NftError> {
         0,
         None,
     );
-    Ok((e.out, e.acked, begin, e.seq))
+    Ok(Encoded {
+        bytes: e.out,
+        described: e.described,
+        begin,
+        last,
+        next_seq: e.seq,
+    })
 }
 
 /// One answer from the kernel: an ack/error for `seq`, a data message, or the end of a dump.
@@ -632,33 +705,37 @@ impl Nft {
         if batch.is_empty() {
             return Ok(());
         }
-        let (bytes, acked, begin, next) = encode(batch, self.seq)?;
-        self.seq = next;
-        self.send(&bytes, "send transaction")?;
-        let mut pending = acked.len();
+        let enc = encode(batch, self.seq)?;
+        self.seq = enc.next_seq;
+        let Some(last) = enc.last else {
+            return Ok(());
+        };
+        if enc.described.len() > 64 {
+            // Room for an answer to every message, should all of them fail.
+            self.set_buf(libc::SO_RCVBUFFORCE, enc.described.len() * 1024);
+        }
+        self.send(&enc.bytes, "send transaction")?;
         let mut first_err: Option<NftError> = None;
-        while pending > 0 {
-            let answers = self.recv("transaction")?;
-            for a in answers {
+        loop {
+            for a in self.recv("transaction")? {
                 let Answer::Ack(seq, code) = a else { continue };
-                if seq == begin {
+                if seq == enc.begin {
                     // The batch itself was refused (e.g. EPERM): no per-message answers follow.
                     return Err(NftError::os(code.unwrap_or(libc::EIO), "begin transaction"));
                 }
-                let Some((_, what)) = acked.iter().find(|(s, _)| *s == seq) else {
-                    continue;
-                };
-                pending -= 1;
                 if let Some(errno) = code
                     && first_err.is_none()
+                    && let Some((_, what)) = enc.described.iter().find(|(s, _)| *s == seq)
                 {
                     first_err = Some(NftError::os(errno, what.clone()));
                 }
+                if seq == last {
+                    return match first_err {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                }
             }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(()),
         }
     }
 
@@ -784,24 +861,29 @@ impl Nft {
 
     fn send(&mut self, bytes: &[u8], what: &str) -> Result<(), NftError> {
         if bytes.len() > 128 * 1024 {
-            // Room for a large rebuild in one datagram (SO_SNDBUFFORCE: root only; harmless
-            // if refused, the send then fails with a clear errno).
-            let size = (bytes.len() * 2) as libc::c_int;
-            // SAFETY: valid fd and an int of the size given.
-            unsafe {
-                libc::setsockopt(
-                    self.sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_SNDBUFFORCE,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                );
-            }
+            // Room for a large rebuild in one datagram.
+            self.set_buf(libc::SO_SNDBUFFORCE, bytes.len() * 2);
         }
         self.sock
             .send(bytes, 0)
             .map_err(|e| NftError::io(what, e))?;
         Ok(())
+    }
+
+    /// Raises a socket buffer (`SO_SNDBUFFORCE`/`SO_RCVBUFFORCE`: root only; if refused, a
+    /// send fails or an answer is lost with a clear errno), at most 64 MiB.
+    fn set_buf(&self, opt: libc::c_int, size: usize) {
+        let size = size.min(64 << 20) as libc::c_int;
+        // SAFETY: valid fd and an int of the size given.
+        unsafe {
+            libc::setsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
     }
 
     /// Reads one datagram of answers.
@@ -909,10 +991,18 @@ mod tests {
                 data: None,
             }],
         ));
-        let (bytes, acked, begin, next) = encode(&b, 100).unwrap();
-        assert_eq!(next, 104);
-        assert_eq!(begin, 100);
-        assert_eq!(acked.iter().map(|a| a.0).collect::<Vec<_>>(), [101, 102]);
+        let enc = encode(&b, 100).unwrap();
+        let bytes = &enc.bytes;
+        assert_eq!(enc.next_seq, 104);
+        assert_eq!(enc.begin, 100);
+        assert_eq!(
+            enc.described.iter().map(|a| a.0).collect::<Vec<_>>(),
+            [101, 102]
+        );
+        // Only the last message asks for an ack (the table's message, 20 bytes in, does not).
+        assert_eq!(enc.last, Some(102));
+        let flags_at = |off: usize| u16::from_ne_bytes([bytes[off + 6], bytes[off + 7]]);
+        assert_eq!(flags_at(20) & NLM_F_ACK, 0);
         // Batch begin: NFNL_MSG_BATCH_BEGIN (16), subsystem none, res_id = nftables, no ack.
         let ty = u16::from_ne_bytes([bytes[4], bytes[5]]);
         let flags = u16::from_ne_bytes([bytes[6], bytes[7]]);
@@ -948,8 +1038,37 @@ mod tests {
             .collect();
         let mut b = Batch::new();
         b.push(Op::AddElements(t(), "mapped".into(), elems));
-        let (_, acked, _, _) = encode(&b, 1).unwrap();
-        assert_eq!(acked.len(), 3);
+        assert_eq!(encode(&b, 1).unwrap().described.len(), 3);
+    }
+
+    #[test]
+    fn element_runs_are_merged_per_set_and_nothing_else_moves() {
+        let e = |p| Element {
+            key: vec![Field::Proto(6), Field::Port(p)],
+            data: None,
+        };
+        let del = |s: &str, p| Op::DelElements(t(), s.into(), vec![e(p)]);
+        let add = |s: &str, p| Op::AddElements(t(), s.into(), vec![e(p)]);
+        // A teardown: ports, mapped, ports, mapped, ... becomes one delete per set.
+        let ops: Vec<Op> = (0..1000u16)
+            .flat_map(|p| [del("ports", p), del("mapped", p)])
+            .collect();
+        let c = coalesce(&ops);
+        assert_eq!(c.len(), 2);
+        assert!(matches!(&c[0], Op::DelElements(_, s, es) if s == "ports" && es.len() == 1000));
+        // Adds and deletes, and table operations, keep their order.
+        let ops = vec![
+            add("m", 1),
+            del("m", 1),
+            add("m", 2),
+            Op::DelTable(t()),
+            add("m", 3),
+            add("m", 4),
+        ];
+        let c = coalesce(&ops);
+        assert_eq!(c.len(), 5, "{c:?}");
+        assert!(matches!(&c[3], Op::DelTable(_)));
+        assert!(matches!(&c[4], Op::AddElements(_, _, es) if es.len() == 2));
     }
 
     #[test]
@@ -1060,6 +1179,39 @@ mod tests {
                 ..mapped()
             };
             assert!(n.elements(&t, &missing).unwrap_err().is_missing());
+
+            // Many failing messages: each is answered, none is lost, the first is reported.
+            let mut b = Batch::new();
+            for i in 0..2000 {
+                b.push(Op::AddElements(
+                    t.clone(),
+                    format!("nope{i}"),
+                    vec![elem(1, [10, 0, 0, 4])],
+                ));
+            }
+            let e = n.apply(&b).unwrap_err();
+            assert!(e.is_missing() && e.what.ends_with("nope0"), "{e}");
+            // And the socket is still in step for the next transaction.
+            let mut b = Batch::new();
+            b.push(Op::AddElements(
+                t.clone(),
+                "m".into(),
+                vec![elem(9091, [10, 0, 0, 3])],
+            ));
+            n.apply(&b).unwrap();
+            // 2,000 deletes in one transaction (a teardown of 1,000 mappings' worth).
+            let many: Vec<Element> = (0..2000u16)
+                .map(|p| elem(30000 + p, [10, 0, 0, 5]))
+                .collect();
+            let mut b = Batch::new();
+            b.push(Op::AddElements(t.clone(), "m".into(), many.clone()));
+            n.apply(&b).unwrap();
+            let mut b = Batch::new();
+            for e in &many {
+                b.push(Op::DelElements(t.clone(), "m".into(), vec![e.clone()]));
+            }
+            n.apply(&b).unwrap();
+            assert_eq!(n.elements(&t, &mapped()).unwrap().len(), 2);
 
             // A flushed table: still there, no rules.
             nft_cli(&["flush", "table", "ip", "nstest"], None);
