@@ -1,7 +1,8 @@
 //! nf_tables over netlink, in-process, without libnftables: a [`Batch`] of typed operations
 //! (tables, chains, sets, rules, elements) becomes one nfnetlink transaction
-//! (`NFNL_MSG_BATCH_BEGIN` … `END`) that applies wholly or not at all. Every message asks for an
-//! ack, and a failure keeps the kernel's errno, so callers tell ENOENT (missing) from EEXIST.
+//! (`NFNL_MSG_BATCH_BEGIN` … `END`) that applies wholly or not at all. The kernel answers every
+//! failing message and the last one (which alone asks for an ack), so the wait is bounded and a
+//! failure keeps the kernel's errno: callers tell ENOENT (missing) from EEXIST.
 //! Nothing is rendered to or parsed from nft syntax: names and values go into the messages as
 //! bytes, so no string of tenant or config origin can change what a rule means.
 //!
@@ -519,7 +520,6 @@ fn element_attr(e: &Element) -> ListAttribute<SetElementAttribute> {
     ListAttribute::Element(a)
 }
 
-/// The bytes of a whole transaction and the messages whose acks it waits for.
 /// A transaction ready to send.
 #[derive(Debug)]
 struct Encoded {
@@ -981,7 +981,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_framed_by_begin_and_end_and_every_message_is_acked() {
+    fn a_batch_is_framed_by_begin_and_end_and_only_its_last_message_is_acked() {
         let mut b = Batch::new();
         b.push(Op::AddTable(t())).push(Op::AddElements(
             t(),
