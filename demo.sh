@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # netshim demo: two busybox httpd containers under runc in bridge mode with dynamic host ports,
-# reached on 127.0.0.1:<hostPort>, listed with `shim ports list`, then released by poststop.
+# reached on 127.0.0.1:<hostPort>, listed with `shim ports list`; then Debian's HAProxy on
+# loopback in front of them through `shim registrar`, and a rolling replacement of both with
+# `shim drain` before each stop while clients keep requesting pages: 0 may fail.
 #
-#   sudo bash demo.sh          (root, Debian 12; about a second once built)
+#   sudo bash demo.sh          (root, Debian 12; a few seconds once built)
 #
 # It runs in the real host network namespace (that is the point), but keeps everything else
 # private: state, config, runc root, bundles and rootfs live in a temp dir. On exit, whatever
-# happened, it deletes the containers, runs `shim reset --force` (bridge netshim0 and the nftables
-# table `ip netshim` go), drops the demo's conntrack entries, restores net.ipv4.ip_forward and
-# removes the temp dir. Nothing is installed globally except by apt.
+# happened, it stops HAProxy and the registrar it started, deletes the containers, runs `shim reset
+# --force` (bridge netshim0 and the nftables table `ip netshim` go), drops the demo's conntrack
+# entries, restores net.ipv4.ip_forward and removes the temp dir. HAProxy listens on
+# 127.0.0.1:$LB_PORT only. Nothing is installed globally except by apt.
 set -euo pipefail
 
 cd "$(dirname "$(readlink -f "$0")")"
 PROJECT=$PWD
 BRIDGE=netshim0
-PACKAGES=(runc nftables busybox-static iproute2 conntrack)
+PACKAGES=(runc nftables busybox-static iproute2 conntrack haproxy)
+LB_PORT=18099
 
 if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi
 section() { printf '\n%s=== %s ===%s\n' "$BOLD" "$*" "$PLAIN"; }
@@ -48,6 +52,10 @@ if ip link show "$BRIDGE" >/dev/null 2>&1 || nft list table ip netshim >/dev/nul
     die "bridge $BRIDGE or nftables table 'ip netshim' already exists on this host (a netshim in use?); the demo would remove them, so it stops here"
 fi
 
+if (exec 3<>"/dev/tcp/127.0.0.1/$LB_PORT") 2>/dev/null; then
+    die "127.0.0.1:$LB_PORT is in use; the demo's HAProxy listens there"
+fi
+
 section "2. Build"
 say "cargo build --release"
 "$CARGO" build --release
@@ -62,6 +70,7 @@ OLD_FORWARD=$(cat /proc/sys/net/ipv4/ip_forward)
 IDS=()
 PORTS=()
 TOUCHED=""
+BG=()      # pids of what the demo started in the background (HAProxy, registrar, clients)
 export NETSHIM_STATE_DIR=$W/state NETSHIM_CONFIG=$W/config.toml
 
 cleanup() {
@@ -69,6 +78,13 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     section "Cleanup"
+    touch "$W/stop-clients" 2>/dev/null
+    for pid in "${BG[@]}"; do
+        kill "$pid" 2>/dev/null
+    done
+    for pid in "${BG[@]}"; do
+        wait "$pid" 2>/dev/null
+    done
     for id in "${IDS[@]}"; do
         runc --root "$W/runc" delete -f "$id" >/dev/null 2>&1
     done
@@ -82,7 +98,7 @@ cleanup() {
     fi
     echo "$OLD_FORWARD" >/proc/sys/net/ipv4/ip_forward
     rm -rf "$W"
-    echo "containers deleted, bridge and nftables table removed, ip_forward=$OLD_FORWARD restored, $W removed"
+    echo "HAProxy and registrar stopped, containers deleted, bridge and nftables table removed, ip_forward=$OLD_FORWARD restored, $W removed"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -93,6 +109,8 @@ cat >"$NETSHIM_CONFIG" <<EOF
 # netshim config for this demo only
 [bridge]
 name = "$BRIDGE"
+[ports]
+host_address = "127.0.0.1"       # load-balancer targets on loopback: HAProxy runs here too
 EOF
 
 # The hooks users merge into config.json, pointed at the binary just built and the private state.
@@ -129,7 +147,8 @@ bundle() {
   ],
   "annotations": {
     "netshim.network-mode": "bridge",
-    "netshim.port-mappings": "[{\"containerPort\":80}]"
+    "netshim.port-mappings": "[{\"containerPort\":80}]",
+    "netshim.service": "web"
   },
   "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]},
 ${HOOKS_MEMBER}
@@ -151,11 +170,9 @@ fetch() {
     done
 }
 
-NAMES=(web1 web2)
-section "3. Start two httpd containers (runc run -d, createRuntime hook: bridge mode, dynamic host port)"
-echo "annotations: netshim.network-mode=bridge  netshim.port-mappings=[{\"containerPort\":80}]"
-for name in "${NAMES[@]}"; do
-    id=demo-$name-$$
+# start NAME: a bundle and `runc run -d` (the createRuntime hook sets up its network).
+start() {
+    local id=demo-$1-$$
     bundle "$id"
     IDS+=("$id")
     TOUCHED=1
@@ -164,6 +181,46 @@ for name in "${NAMES[@]}"; do
         cat "$W/$id.runc.out" >&2
         die "runc run $id failed"
     fi
+}
+
+# One GET / through HAProxy with bash's /dev/tcp; prints the status line and the body.
+lb_get() {
+    exec 3<>"/dev/tcp/127.0.0.1/$LB_PORT" || return 1
+    printf 'GET / HTTP/1.0\r\nHost: demo\r\n\r\n' >&3
+    timeout 5 cat <&3
+    exec 3<&- 3>&-
+}
+
+# A client: GET / through HAProxy back to back until $W/stop-clients exists; counts 200s and
+# everything else (errors, 5xx) into $W/client.N.
+client() {
+    local ok=0 failed=0 r
+    while [ ! -e "$W/stop-clients" ]; do
+        r=$(lb_get 2>/dev/null) || r=""
+        if [[ $r == "HTTP/1."?" 200"* && $r == *"hello from"* ]]; then
+            ok=$((ok + 1))
+        else
+            failed=$((failed + 1))
+        fi
+    done
+    echo "$ok $failed" >"$W/client.$1"
+}
+
+# Waits (up to 10 s) until container ID answers through HAProxy.
+served_by_lb() {
+    local end=$((SECONDS + 10))
+    while [ "$SECONDS" -lt "$end" ]; do
+        [[ $(lb_get 2>/dev/null) == *"hello from $1<"* ]] && return 0
+        sleep 0.05
+    done
+    return 1
+}
+
+NAMES=(web1 web2)
+section "3. Start two httpd containers (runc run -d, createRuntime hook: bridge mode, dynamic host port)"
+echo "annotations: netshim.network-mode=bridge  netshim.port-mappings=[{\"containerPort\":80}]  netshim.service=web"
+for name in "${NAMES[@]}"; do
+    start "$name"
 done
 
 section "4. Fetch a page from each container through its dynamic host port on 127.0.0.1"
@@ -192,16 +249,86 @@ section "6. shim ports list --json"
 say "shim ports list --json"
 "$SHIM" ports list --json
 
-section "7. Delete both containers (runc delete -f; the poststop hook releases them)"
+say "shim ports list --format haproxy"
+"$SHIM" ports list --format haproxy
+
+section "7. HAProxy in front, kept in step by shim registrar"
+mkdir -p "$W/haproxy"
+# The config users copy (lb/haproxy.cfg), with its paths in the demo's temp dir and its
+# frontend on 127.0.0.1:$LB_PORT.
+sed -e "s#/run/haproxy/#$W/haproxy/#g" -e "s#    bind :80#    bind 127.0.0.1:$LB_PORT#" \
+    -e "s#server-template slot 10 #server-template slot 4 #" -e '/log \/dev\/log/d' -e '/log global/d' \
+    "$PROJECT/lb/haproxy.cfg" >"$W/haproxy/haproxy.cfg"
+grep -q "bind 127.0.0.1:$LB_PORT" "$W/haproxy/haproxy.cfg" || die "lb/haproxy.cfg has an unexpected shape"
+say "haproxy -W -db -f $W/haproxy/haproxy.cfg &"
+haproxy -W -db -f "$W/haproxy/haproxy.cfg" </dev/null >"$W/haproxy/haproxy.log" 2>&1 &
+BG+=($!)
+for _ in $(seq 100); do [ -S "$W/haproxy/admin.sock" ] && break; sleep 0.05; done
+[ -S "$W/haproxy/admin.sock" ] || { cat "$W/haproxy/haproxy.log" >&2; die "HAProxy did not start"; }
+say "shim registrar --haproxy $W/haproxy/admin.sock --haproxy-state-file $W/haproxy/servers.state &"
+"$SHIM" registrar --haproxy "$W/haproxy/admin.sock" --haproxy-state-file "$W/haproxy/servers.state" \
+    </dev/null 2>"$W/registrar.log" &
+BG+=($!)
 for id in "${IDS[@]}"; do
-    say "runc --root $W/runc delete -f $id"
-    runc --root "$W/runc" delete -f "$id"
+    served_by_lb "$id" || { cat "$W/registrar.log" >&2; die "$id never answered through HAProxy"; }
+done
+say "GET http://127.0.0.1:$LB_PORT/ (four times)"
+for _ in 1 2 3 4; do
+    lb_get | sed -n 's/.*\(hello from [^<]*\).*/\1/p'
+done
+
+section "8. Rolling replacement under load: start the new one, shim drain the old one, stop it"
+rm -f "$W/stop-clients"
+for n in 1 2 3; do
+    client "$n" &
+    BG+=($!)
+done
+sleep 0.5
+OLD=("${IDS[@]}")
+for i in 0 1; do
+    start "web$((i + 3))"
+    new=${IDS[-1]}
+    served_by_lb "$new" || die "$new never answered through HAProxy"
+    say "shim drain ${OLD[$i]} --timeout 10"
+    "$SHIM" drain "${OLD[$i]}" --timeout 10 || die "drain ${OLD[$i]} failed"
+    say "runc --root $W/runc delete -f ${OLD[$i]}"
+    runc --root "$W/runc" delete -f "${OLD[$i]}"
+done
+sleep 0.5
+touch "$W/stop-clients"
+wait "${BG[@]:2}" 2>/dev/null
+BG=("${BG[@]:0:2}")
+served=0
+failed=0
+for n in 1 2 3; do
+    read -r o f <"$W/client.$n"
+    served=$((served + o))
+    failed=$((failed + f))
+done
+echo "through HAProxy during the replacement: $served pages served, $failed failed"
+say "shim ports list"
+"$SHIM" ports list
+echo "registrar log (one line per change):"
+sed 's/^/    /' "$W/registrar.log"
+for id in "${IDS[@]}"; do
+    json=$("$SHIM" ports list --json --container "$id")
+    p=$(sed -n '/"hostPort"/{s/.*"hostPort": *\([0-9][0-9]*\).*/\1/p;q;}' <<<"$json")
+    [ -n "$p" ] && PORTS+=("$p")
+done
+[ "$failed" = 0 ] || { echo "FAILED: $failed requests failed during the replacement" >&2; exit 1; }
+
+section "9. Delete the containers (runc delete -f; the poststop hook releases them)"
+for id in "${IDS[@]}"; do
+    if runc --root "$W/runc" state "$id" >/dev/null 2>&1; then
+        say "runc --root $W/runc delete -f $id"
+        runc --root "$W/runc" delete -f "$id"
+    fi
 done
 IDS=()
 say "shim ports list"
 "$SHIM" ports list
 
-section "8. shim reset (removes bridge $BRIDGE and the nftables table)"
+section "10. shim reset (removes bridge $BRIDGE and the nftables table)"
 say "shim reset"
 "$SHIM" reset
 ip link show "$BRIDGE" >/dev/null 2>&1 && die "bridge $BRIDGE still exists after shim reset"

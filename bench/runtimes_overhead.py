@@ -251,15 +251,17 @@ class Bench:
         return dt
 
     def recorded(self):
-        p = os.path.join(self.state, "state.json")
-        if not os.path.exists(p):
-            return []
-        return list(json.load(open(p))["containers"])
+        """Containers netshim holds, from `shim ports list --json` (not its state files, whose
+        layout is netshim's own business)."""
+        out = run(["ip", "netns", "exec", self.ns, self.shim, "ports", "list", "--json"],
+                  env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                       "NETSHIM_STATE_DIR": self.state, "NETSHIM_CONFIG": self.config}).stdout
+        return sorted({e["containerId"] for e in json.loads(out or "[]")})
 
     def veths(self):
-        out = run(["ip", "-n", self.ns, "-o", "link", "show"]).stdout
-        return [ln.split(": ")[1].split("@")[0] for ln in out.splitlines()
-                if ln.split(": ")[1].startswith("nsh")]
+        """Ports of netshim's bridge (none, or no bridge: empty)."""
+        r = run(["ip", "-n", self.ns, "-o", "link", "show", "master", "netshim0"], check=False)
+        return [ln.split(": ")[1].split("@")[0] for ln in r.stdout.splitlines() if ": " in ln]
 
     def cycle(self, rt, variant, name):
         t_up = self.up(rt, variant, name)
@@ -423,7 +425,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--runtimes", default="runc,crun,containerd,podman")
-    ap.add_argument("--shim", default=os.path.join(REPO, "target", "release", "shim"))
+    ap.add_argument("--shim", default=os.path.join(REPO, "target", "x86_64-unknown-linux-gnu", "release", "shim"))
     ap.add_argument("--raw", metavar="FILE",
                     help="also write every sample (seconds: [up, delete] per run) as JSON")
     ap.add_argument("--wait-idle", type=float, default=120,

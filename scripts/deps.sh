@@ -2,7 +2,12 @@
 # Installs what netshim needs to build, run and test on Debian 12 (run as root). Idempotent:
 # it only calls apt-get when something is missing.
 set -euo pipefail
-pkgs=(runc crun containerd podman nftables busybox-static iproute2 conntrack python3 procps)
+pkgs=(runc crun containerd podman nftables busybox-static iproute2 conntrack python3 procps
+      haproxy nginx prometheus python3-botocore)
+# `scripts/deps.sh bench`: also what bench/bench.py runs (the tests do not need these).
+if [ "${1:-}" = bench ]; then
+  pkgs+=(netavark containernetworking-plugins iptables strace time linux-perf python3-matplotlib)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -28,6 +33,7 @@ if [ ${#vm_missing[@]} -gt 0 ]; then
   INITRD=No DEBIAN_FRONTEND=noninteractive \
     apt-get install -y -qq --no-install-recommends "${vm_missing[@]}" >/dev/null
 fi
+[ "${1:-}" = bench ] && exit 0
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     echo "cargo is in ~/.cargo/bin: add it to PATH" >&2

@@ -18,12 +18,14 @@ pub enum AllocError {
     )]
     Reserved { proto: Protocol, port: u16 },
     #[error(
-        "host port {port}/{proto} is already allocated to container {holder}: pick another hostPort, or omit it for a dynamic port"
+        "host port {port}/{proto} is already allocated to container {holder}{}: pick another hostPort, or omit it for a dynamic port",
+        service.as_deref().map(|s| format!(" (service {s})")).unwrap_or_default()
     )]
     Held {
         proto: Protocol,
         port: u16,
         holder: String,
+        service: Option<String>,
     },
     #[error(
         "host port {port}/{proto} is in use on the host by {holder}: stop it or pick another hostPort"
@@ -109,9 +111,9 @@ impl<'a> PortLedger<'a> {
 }
 
 /// Inputs of port allocation.
-pub struct PortPolicy<'a> {
+pub struct PortPolicy {
     pub dynamic: PortRange,
-    pub reserved: &'a [u16],
+    pub reserved: Vec<u16>,
     /// A port released less than this long ago is handed out only when nothing else is free.
     pub reuse_delay: u64,
     /// Now, in seconds since the epoch.
@@ -206,10 +208,12 @@ pub fn check_static(
         return Err(AllocError::Reserved { proto, port });
     }
     if let Some(h) = ledger.holder(proto, port, ip) {
+        let service = ledger.state.record(&h).and_then(|r| r.service);
         return Err(AllocError::Held {
             proto,
             port,
-            holder: h,
+            holder: crate::output::escape_controls(&h),
+            service,
         });
     }
     if let Some(holder) = probe.holder(proto, port, ip) {
@@ -362,7 +366,7 @@ mod tests {
             &m,
             &PortPolicy {
                 dynamic,
-                reserved: &reserved,
+                reserved,
                 reuse_delay: 60,
                 now: 1000,
             },
@@ -493,8 +497,22 @@ mod tests {
             AllocError::Held {
                 proto: Protocol::Tcp,
                 port: 8080,
-                holder: "first".into()
+                holder: "first".into(),
+                service: None,
             }
+        );
+        st.containers.get_mut("first").unwrap().service = Some("web".into());
+        let e = alloc(
+            &mut st,
+            "second",
+            r#"[{"containerPort":80,"hostPort":8080}]"#,
+            "40000-40009",
+            &NoProbe,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "host port 8080/tcp is already allocated to container first (service web): pick another hostPort, or omit it for a dynamic port"
         );
         assert!(e.to_string().contains("8080/tcp") && e.to_string().contains("first"));
         let e = alloc(

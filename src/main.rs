@@ -6,6 +6,7 @@ mod config;
 mod fault;
 mod firewall;
 mod kernel;
+mod lb;
 mod metadata;
 mod modes;
 mod oci;
@@ -58,6 +59,51 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PortsCmd,
     },
+    /// Keep HAProxy, nginx and Prometheus file-sd in step with the ledger (foreground).
+    Registrar {
+        /// HAProxy admin socket (runtime API, level admin); repeat for several HAProxies.
+        #[arg(long, value_name = "SOCKET")]
+        haproxy: Vec<PathBuf>,
+        /// Keep this HAProxy `server-state-file` current (pairs with the --haproxy of the same
+        /// position), so a reload starts with the slots filled.
+        #[arg(long, value_name = "FILE")]
+        haproxy_state_file: Vec<PathBuf>,
+        /// Servers named <prefix><n> (from `server-template <prefix> N ...`) are the slots.
+        #[arg(long, default_value = "slot", value_name = "PREFIX")]
+        haproxy_slot_prefix: String,
+        /// nginx include file of upstream blocks, replaced atomically.
+        #[arg(long, value_name = "FILE")]
+        nginx: Option<PathBuf>,
+        /// Command that reloads nginx after the include changed (run with sh -c).
+        #[arg(long, value_name = "CMD")]
+        nginx_reload: Option<String>,
+        /// Command that checks the config before a reload (run with sh -c).
+        #[arg(long, value_name = "CMD", default_value = "nginx -t -q")]
+        nginx_test: String,
+        /// nginx's pid file: after a reload, wait for its new workers.
+        #[arg(long, value_name = "FILE")]
+        nginx_pid: Option<PathBuf>,
+        /// An upstream the include always has, even before its first container (repeatable).
+        #[arg(long, value_name = "NAME")]
+        nginx_upstream: Vec<String>,
+        /// Prometheus file_sd_configs file, replaced atomically; repeatable.
+        #[arg(long, value_name = "FILE")]
+        file_sd: Vec<PathBuf>,
+        /// Full comparison with every sink this often, changes or not.
+        #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+        resync: f64,
+        /// TCP connect timeout of a new target's readiness check.
+        #[arg(long, default_value_t = 300, value_name = "MS")]
+        probe_timeout_ms: u64,
+    },
+    /// Stop new load-balancer traffic to a container and wait until it is idle (exit 3 on timeout).
+    Drain {
+        /// Container id.
+        id: String,
+        /// Give up (exit 3) after this many seconds.
+        #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+        timeout: f64,
+    },
     /// Release containers whose process is gone (missed poststop, crash).
     Gc,
     /// Re-apply netshim's firewall table from the state (after a firewall reload).
@@ -74,9 +120,18 @@ enum Cmd {
 enum PortsCmd {
     /// List every mapped port.
     List {
-        /// JSON array instead of a table.
+        /// Output format: the table, JSON, or what a load balancer takes.
+        #[arg(long, value_enum, conflicts_with = "json")]
+        format: Option<commands::ports::Format>,
+        /// JSON array instead of a table (same as --format json).
         #[arg(long)]
         json: bool,
+        /// Only targets in this load-balancer state.
+        #[arg(long, value_parser = ["serving", "draining"])]
+        state: Option<String>,
+        /// Only this protocol.
+        #[arg(long, value_parser = ["tcp", "udp"])]
+        protocol: Option<String>,
         /// Only this container.
         #[arg(long)]
         container: Option<String>,
@@ -126,17 +181,71 @@ fn main() -> ExitCode {
         Cmd::Ports {
             cmd:
                 PortsCmd::List {
+                    format,
                     json,
+                    state,
+                    protocol,
                     container,
                     service,
                 },
-        } => commands::ports::list(&g, json, container.as_deref(), service.as_deref()),
+        } => {
+            use commands::ports::{Filter, Format};
+            let format = format.unwrap_or(if json { Format::Json } else { Format::Table });
+            let filter = Filter {
+                container,
+                service,
+                state: state.map(|s| match s.as_str() {
+                    "draining" => state::LbState::Draining,
+                    _ => state::LbState::Serving,
+                }),
+                protocol: protocol.map(|p| match p.as_str() {
+                    "udp" => types::Protocol::Udp,
+                    _ => types::Protocol::Tcp,
+                }),
+            };
+            commands::ports::list(&g, format, &filter)
+        }
+        Cmd::Registrar {
+            haproxy,
+            haproxy_state_file,
+            haproxy_slot_prefix,
+            nginx,
+            nginx_reload,
+            nginx_test,
+            nginx_pid,
+            nginx_upstream,
+            file_sd,
+            resync,
+            probe_timeout_ms,
+        } => commands::registrar::run(
+            &g,
+            commands::registrar::Args {
+                haproxy,
+                haproxy_state_file,
+                slot_prefix: haproxy_slot_prefix,
+                nginx,
+                nginx_reload,
+                nginx_test,
+                nginx_pid,
+                nginx_upstreams: nginx_upstream,
+                file_sd,
+                resync: seconds(resync),
+                probe_timeout: std::time::Duration::from_millis(probe_timeout_ms),
+            },
+        ),
+        Cmd::Drain { id, timeout } => commands::drain::drain(&g, &id, seconds(timeout)),
         Cmd::Gc => commands::gc::gc(&g),
         Cmd::Reload => commands::gc::reload(&g),
         Cmd::Reset { force } => commands::gc::reset(&g, force),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<commands::Exit>().is_some() => {
+            let code = e.downcast_ref::<commands::Exit>().map_or(1, |x| x.code);
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("shim: {}", output::escape_controls(&msg));
+            ExitCode::from(code)
+        }
         Err(e) => {
             // One line: "shim: <what failed>: <why>".
             let msg = format!("{e:#}").replace('\n', " ");
@@ -144,4 +253,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A duration from a seconds flag (negative and NaN are zero, huge values a day).
+fn seconds(s: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(if s.is_finite() {
+        s.clamp(0.0, 86_400.0)
+    } else {
+        0.0
+    })
 }

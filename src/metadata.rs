@@ -39,9 +39,14 @@ struct Client {
 
 impl Client {
     fn new(endpoint: &str) -> Client {
+        Client::within(endpoint, DEADLINE)
+    }
+
+    /// A client whose requests all end within `d`.
+    fn within(endpoint: &str, d: Duration) -> Client {
         Client {
             endpoint: endpoint.to_string(),
-            end: Instant::now() + DEADLINE,
+            end: Instant::now() + d,
         }
     }
 
@@ -147,6 +152,41 @@ fn unknown(mac: &MacAddr, endpoint: &str) -> anyhow::Error {
         "instance metadata at {endpoint} has no interface with MAC {}: is the ENI attached to this instance?",
         mac
     )
+}
+
+/// One metadata value (`/latest/meta-data/<rel>`), asked once within half a second, so a host
+/// without a metadata service falls back quickly; `None` when it does not answer or has no
+/// such value.
+pub fn quick_value(cfg: &AwsvpcConfig, rel: &str) -> Option<String> {
+    let c = Client::within(&cfg.metadata_endpoint, Duration::from_millis(500));
+    let token = match cfg.metadata_layout {
+        MetadataLayout::Aws => match c.request(
+            "PUT",
+            "/latest/api/token",
+            Some(("X-aws-ec2-metadata-token-ttl-seconds", "60")),
+        ) {
+            Ok((200, t)) => token(&t).ok(),
+            Ok(_) => None,
+            Err(_) => return None,
+        },
+        MetadataLayout::Alibaba => None,
+    };
+    let header = token.as_deref().map(|t| ("X-aws-ec2-metadata-token", t));
+    match c.request("GET", &format!("/latest/meta-data/{rel}"), header) {
+        Ok((200, body)) if !body.trim().is_empty() => Some(body.trim().to_string()),
+        _ => None,
+    }
+}
+
+/// The ENI id of the interface with this MAC (AWS `interface-id`, Alibaba
+/// `network-interface-id`), for exports that name the ENI.
+pub fn eni_id(cfg: &AwsvpcConfig, mac: &str) -> Option<String> {
+    let key = match cfg.metadata_layout {
+        MetadataLayout::Aws => "interface-id",
+        MetadataLayout::Alibaba => "network-interface-id",
+    };
+    let mac = mac.to_ascii_lowercase();
+    quick_value(cfg, &format!("network/interfaces/macs/{mac}/{key}"))
 }
 
 /// Looks an ENI up by MAC.

@@ -23,8 +23,8 @@ const SHARED_TASK_GW: &str = "169.254.1.1";
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn exclusive_enis_give_each_task_its_own_address_in_the_subnet() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let (e1, e2) = (vpc.attach_eni(), vpc.attach_eni());
     let (a, b) = (vpc.task(), vpc.task());
@@ -94,8 +94,8 @@ fn exclusive_enis_give_each_task_its_own_address_in_the_subnet() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn poststop_hands_the_eni_back_with_its_name_even_after_the_task_netns_is_gone() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let (e1, e2) = (vpc.attach_eni(), vpc.attach_eni());
     let (a, b) = (vpc.task(), vpc.task());
@@ -154,8 +154,8 @@ fn poststop_hands_the_eni_back_with_its_name_even_after_the_task_netns_is_gone()
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn poststop_finds_an_eni_the_kernel_pushed_back_when_the_task_netns_was_lost() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let e = vpc.attach_eni();
     let a = vpc.task();
@@ -191,8 +191,8 @@ fn poststop_finds_an_eni_the_kernel_pushed_back_when_the_task_netns_was_lost() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn prestart_after_create_runtime_sets_up_once() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let (e1, e2) = (vpc.attach_eni(), vpc.attach_eni());
     let (a, b) = (vpc.task(), vpc.task());
@@ -229,8 +229,8 @@ fn prestart_after_create_runtime_sets_up_once() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn an_eni_attached_while_setup_waits_is_used() {
-    root_only!();
     let mut vpc = Vpc::new(&[("eni_wait_seconds", "5")]);
     let e = vpc.next_eni();
     let a = vpc.task();
@@ -257,8 +257,8 @@ fn an_eni_attached_while_setup_waits_is_used() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn ingress_rules_admit_only_listed_sources_and_ports() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let p2 = vpc.add_peer(PEER2_IP);
     let e = vpc.attach_eni();
@@ -312,8 +312,8 @@ fn ingress_rules_admit_only_listed_sources_and_ports() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn tasks_cannot_reach_instance_metadata_unless_allowed() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let e = vpc.attach_eni();
     let a = vpc.task();
@@ -372,8 +372,8 @@ fn tasks_cannot_reach_instance_metadata_unless_allowed() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn shared_eni_hands_each_task_a_free_secondary_address() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let e = vpc.attach_eni();
     let spec = shared(&e, &["10.0.1.31/24", "10.0.1.32/24"]);
@@ -460,8 +460,8 @@ fn shared_eni_hands_each_task_a_free_secondary_address() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn concurrent_setups_on_a_shared_eni_never_hand_out_one_address_twice() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let e = vpc.attach_eni();
     let spec = shared(&e, &["10.0.1.31/24", "10.0.1.32/24"]);
@@ -502,8 +502,8 @@ fn concurrent_setups_on_a_shared_eni_never_hand_out_one_address_twice() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn mac_addresses_match_whatever_their_case() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let e = vpc.attach_eni();
     let a = vpc.task();
@@ -515,8 +515,8 @@ fn mac_addresses_match_whatever_their_case() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn an_eni_shared_by_tasks_is_not_moved_into_another_task() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let e = vpc.attach_eni();
     let (a, b) = (vpc.task(), vpc.task());
@@ -540,14 +540,14 @@ fn an_eni_shared_by_tasks_is_not_moved_into_another_task() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn an_eni_given_by_mac_alone_is_completed_from_aws_instance_metadata() {
-    root_only!();
     eni_from_metadata("aws", ip4("10.0.1.41"));
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn an_eni_given_by_mac_alone_is_completed_from_alibaba_instance_metadata() {
-    root_only!();
     eni_from_metadata("alibaba", ip4("10.0.1.42"));
 }
 
@@ -576,8 +576,8 @@ fn eni_from_metadata(layout: &str, addr: Ipv4Addr) {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn the_primary_interface_and_an_eni_already_given_are_refused() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let primary = vpc.primary();
     let e = vpc.attach_eni();
@@ -611,8 +611,8 @@ fn the_primary_interface_and_an_eni_already_given_are_refused() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_mac_that_never_appears_is_refused_after_the_configured_wait() {
-    root_only!();
     let mut vpc = Vpc::new(&[("eni_wait_seconds", "1")]);
     let ghost = vpc.next_eni(); // never plugged in
     let a = vpc.task();
@@ -633,8 +633,8 @@ fn a_mac_that_never_appears_is_refused_after_the_configured_wait() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn malformed_or_inconsistent_requests_are_refused_and_change_nothing() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let e = vpc.attach_eni();
     let a = vpc.task();
@@ -708,8 +708,8 @@ fn malformed_or_inconsistent_requests_are_refused_and_change_nothing() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_mac_unknown_to_instance_metadata_is_refused() {
-    root_only!();
     for layout in ["aws", "alibaba"] {
         let mut vpc = Vpc::new(&[("metadata_layout", &format!("\"{layout}\""))]);
         let e = vpc.attach_eni(); // attached, but the metadata service does not list it
@@ -721,8 +721,8 @@ fn a_mac_unknown_to_instance_metadata_is_refused() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn allowed_interfaces_limits_which_interfaces_may_be_given() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let (e1, e2) = (vpc.attach_eni(), vpc.attach_eni());
     vpc.configure(&[("allowed_interfaces", &format!("[\"{}e1*\"]", vpc.prefix))]);

@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::*;
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn mapped_ports_carry_tcp_and_udp_from_every_source() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     let b = rig.container();
@@ -97,8 +97,8 @@ fn mapped_ports_carry_tcp_and_udp_from_every_source() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn loopback_addressed_packets_from_outside_are_dropped() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");
@@ -145,8 +145,8 @@ fn loopback_addressed_packets_from_outside_are_dropped() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn static_conflicts_reserved_and_host_listeners_are_refused_and_leave_nothing() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let (a, b) = (rig.container(), rig.container());
     must_succeed(
@@ -192,8 +192,8 @@ fn static_conflicts_reserved_and_host_listeners_are_refused_and_leave_nothing() 
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn dynamic_picks_skip_ports_host_processes_hold() {
-    root_only!();
     let mut rig = Rig::new("[ports]\ndynamic_range = \"41000-41002\"\n");
     let _l = in_ns(&rig.host, || {
         std::net::TcpListener::bind(("0.0.0.0", 41000)).expect("bind")
@@ -204,8 +204,8 @@ fn dynamic_picks_skip_ports_host_processes_hold() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn bad_input_is_refused_with_one_line_and_changes_nothing() {
-    root_only!();
     let mut rig = Rig::new("[ports]\ndynamic_range = \"42000-42001\"\n");
     let ok = rig.container();
     must_succeed(
@@ -298,8 +298,8 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn containers_without_the_mode_annotation_are_left_alone() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(
@@ -315,8 +315,8 @@ fn containers_without_the_mode_annotation_are_left_alone() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn poststop_works_from_state_alone_and_is_idempotent() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(
@@ -336,8 +336,8 @@ fn poststop_works_from_state_alone_and_is_idempotent() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn setup_twice_for_one_container_is_a_no_op_and_a_reused_id_is_replaced() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "createRuntime");
@@ -374,8 +374,8 @@ fn setup_twice_for_one_container_is_a_no_op_and_a_reused_id_is_replaced() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn udp_conntrack_is_flushed_so_a_replacement_gets_the_traffic() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(
@@ -404,8 +404,8 @@ fn udp_conntrack_is_flushed_so_a_replacement_gets_the_traffic() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn concurrent_setups_get_distinct_addresses_and_ports() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let n = 8;
     for _ in 0..n {
@@ -452,8 +452,8 @@ fn concurrent_setups_get_distinct_addresses_and_ports() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn reload_restores_mappings_after_a_firewall_wipe() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");
@@ -467,8 +467,8 @@ fn reload_restores_mappings_after_a_firewall_wipe() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn gc_releases_containers_whose_process_is_gone() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let (a, b) = (rig.container(), rig.container());
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup a");
@@ -520,8 +520,8 @@ fn gc_releases_containers_whose_process_is_gone() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn port_ranges_and_host_ip_bindings_carry_traffic() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(
@@ -566,8 +566,8 @@ fn port_ranges_and_host_ip_bindings_carry_traffic() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn ingress_rules_filter_new_connections_to_a_bridge_container() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     let st = rig.oci_state(
@@ -601,5 +601,76 @@ fn ingress_rules_filter_new_connections_to_a_bridge_container() {
     assert_eq!(
         tcp_get(&rig.containers[a].ns, CLIENT_IP, 9999, PATIENT).unwrap(),
         "outbound ok"
+    );
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn dynamic_host_ports_are_kept_out_of_the_ephemeral_range_while_mapped() {
+    let mut rig = Rig::new(CFG);
+    // The host's own reservation stays, and is never handed out.
+    rig.shim_reserved("40000-40001");
+    let (a, b) = (rig.container(), rig.container());
+    must_succeed(
+        &rig.setup(
+            a,
+            r#"[{"containerPort":80},{"containerPort":53,"protocol":"udp"}]"#,
+        ),
+        "setup a",
+    );
+    must_succeed(
+        &rig.setup(b, r#"[{"containerPort":80,"hostPort":8080}]"#),
+        "setup b",
+    );
+    let (t, u) = (rig.host_port(a, 80, "tcp"), rig.host_port(a, 53, "udp"));
+    assert!(
+        t > 40001 && u > 40001,
+        "a host-reserved port was handed out: {t} {u}"
+    );
+    let mut want = vec![t, u];
+    want.sort();
+    let list = reserved_ports(&rig.host);
+    for p in &want {
+        assert!(
+            list.split(',').any(|x| contains_port(x, *p)),
+            "{p} not reserved: {list}"
+        );
+    }
+    assert!(
+        !list.split(',').any(|x| contains_port(x, 8080)),
+        "a static port was reserved: {list}"
+    );
+    must_succeed(&rig.poststop(a), "poststop a");
+    assert_eq!(
+        reserved_ports(&rig.host),
+        "40000-40001",
+        "netshim's reservations stay after poststop"
+    );
+}
+
+fn contains_port(item: &str, p: u16) -> bool {
+    let (a, b) = item.split_once('-').unwrap_or((item, item));
+    matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= p && p <= b)
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn gc_says_when_a_host_process_binds_a_mapped_port() {
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");
+    let port = rig.host_port(a, 80, "tcp");
+    let _squatter = in_ns(&rig.host, move || {
+        std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind the mapped port")
+    });
+    let out = rig.shim(&["gc"], "");
+    must_succeed(&out, "gc");
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains(&format!(
+            "host port {port}/tcp is mapped to container {}",
+            rig.containers[a].id
+        )) && said.contains("gets no traffic there"),
+        "{said}"
     );
 }

@@ -77,6 +77,11 @@ fn assert_clean(rig: &Rig, when: &str) {
         "{when}: claims left"
     );
     assert!(rig.ports().is_empty(), "{when}: ports listed");
+    assert_eq!(
+        reserved_ports(&rig.host),
+        "",
+        "{when}: host ports left reserved"
+    );
 }
 
 /// A fresh container gets a port that answers through the host.
@@ -94,12 +99,12 @@ fn assert_next_container_serves(rig: &mut Rig, when: &str) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 #[cfg_attr(
     not(feature = "fault-injection"),
     ignore = "needs --features fault-injection (test.sh builds it)"
 )]
 fn a_setup_killed_at_any_step_leaves_nothing_gc_cannot_repair() {
-    root_only!();
     let pts: Vec<String> = points()
         .into_iter()
         .filter(|p| p.starts_with("setup") || p.starts_with("bridge"))
@@ -138,12 +143,12 @@ fn a_setup_killed_at_any_step_leaves_nothing_gc_cannot_repair() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 #[cfg_attr(
     not(feature = "fault-injection"),
     ignore = "needs --features fault-injection (test.sh builds it)"
 )]
 fn a_teardown_killed_at_any_step_leaves_nothing_gc_cannot_repair() {
-    root_only!();
     for p in points().iter().filter(|p| p.starts_with("teardown")) {
         let when = format!("poststop killed at {p}");
         let mut rig = Rig::new(CFG);
@@ -167,12 +172,12 @@ fn a_teardown_killed_at_any_step_leaves_nothing_gc_cannot_repair() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 #[cfg_attr(
     not(feature = "fault-injection"),
     ignore = "needs --features fault-injection (test.sh builds it)"
 )]
 fn an_awsvpc_setup_killed_at_any_step_gives_the_eni_back_after_gc() {
-    root_only!();
     for p in points()
         .iter()
         .filter(|p| p.starts_with("setup") || p.starts_with("awsvpc"))
@@ -249,8 +254,8 @@ impl Lcg {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn kill_9_at_random_instants_of_setup_and_teardown_is_repaired_by_gc() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let mut rng = Lcg(u64::from(std::process::id()));
     let mut killed_mid = 0;
@@ -296,8 +301,8 @@ fn kill_9_at_random_instants_of_setup_and_teardown_is_repaired_by_gc() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_bridge_left_without_its_address_is_repaired_by_the_next_setup() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "first setup");
@@ -319,8 +324,8 @@ fn a_bridge_left_without_its_address_is_repaired_by_the_next_setup() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn stray_map_elements_and_claims_no_record_knows_are_removed_by_gc() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");

@@ -6,8 +6,8 @@ mod common;
 use common::*;
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn second_host_mode_claim_fails_while_the_first_keeps_serving() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let (a, b) = (rig.host_container(), rig.host_container());
     must_succeed(
@@ -54,8 +54,8 @@ fn second_host_mode_claim_fails_while_the_first_keeps_serving() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn host_claim_and_bridge_static_mapping_exclude_each_other_in_both_orders() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let (h, br) = (rig.host_container(), rig.container());
     must_succeed(
@@ -85,8 +85,8 @@ fn host_claim_and_bridge_static_mapping_exclude_each_other_in_both_orders() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn host_mode_refuses_listeners_reserved_ports_remaps_and_namespaced_containers() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let h = rig.host_container();
     let _l = in_ns(&rig.host, || {
@@ -116,8 +116,8 @@ fn host_mode_refuses_listeners_reserved_ports_remaps_and_namespaced_containers()
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn none_mode_has_only_loopback_up_and_takes_no_mappings() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let n = rig.container();
     must_fail_with(

@@ -126,8 +126,8 @@ fn mac_of(ns: &str, dev: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn macs_of_the_host_s_own_plumbing_are_never_taken_as_an_eni() {
-    root_only!();
     let mut vpc = Vpc::new(&[("eni_wait_seconds", "0.2")]);
     // A bridge container, so netshim's bridge and a veth exist.
     let b = vpc.container();
@@ -218,8 +218,8 @@ fn macs_of_the_host_s_own_plumbing_are_never_taken_as_an_eni() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn interfaces_carrying_any_default_route_or_a_host_address_are_refused() {
-    root_only!();
     let mut vpc = Vpc::new(&[("eni_wait_seconds", "0.2")]);
     let (e1, e2, e3) = (vpc.attach_eni(), vpc.attach_eni(), vpc.attach_eni());
     let host = vpc.host.clone();
@@ -261,8 +261,8 @@ fn interfaces_carrying_any_default_route_or_a_host_address_are_refused() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn shared_eni_addresses_and_host_ips_must_belong_to_the_request() {
-    root_only!();
     let mut vpc = Vpc::new(&[]);
     let e = vpc.attach_eni();
     let t = vpc.task();
@@ -297,8 +297,8 @@ fn shared_eni_addresses_and_host_ips_must_belong_to_the_request() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_setup_reusing_a_live_container_s_id_never_tears_it_down() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup a");
@@ -323,8 +323,8 @@ fn a_setup_reusing_a_live_container_s_id_never_tears_it_down() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_bogus_mac_waits_outside_the_lock_and_stalls_no_one_else() {
-    root_only!();
     let mut vpc = Vpc::new(&[("eni_wait_seconds", "3")]);
     let t = vpc.task();
     let st = awsvpc_state(
@@ -396,8 +396,8 @@ fn hostile_metadata(ns: &str, how: &'static str) -> u16 {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_hostile_metadata_service_gets_a_bounded_short_refusal() {
-    root_only!();
     for how in ["huge", "drip", "silent", "crlf"] {
         let mut vpc = Vpc::new(&[]);
         let e = vpc.attach_eni();
@@ -423,8 +423,8 @@ fn a_hostile_metadata_service_gets_a_bounded_short_refusal() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_state_dir_others_can_write_is_refused_and_forged_records_are_not_acted_on() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");
@@ -463,8 +463,8 @@ fn a_state_dir_others_can_write_is_refused_and_forged_records_are_not_acted_on()
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn ids_and_names_with_control_characters_never_reach_a_terminal_raw() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     for id in ["x\u{1b}]0;owned\u{7}", "y\u{9b}2J", "a/../b"] {
@@ -492,8 +492,8 @@ fn ids_and_names_with_control_characters_never_reach_a_terminal_raw() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_bridge_name_that_names_another_interface_is_left_alone() {
-    root_only!();
     let mut rig = Rig::new(&format!("{CFG}[bridge]\nname = \"lo\"\n"));
     let a = rig.container();
     refused_and_nothing_changed(
@@ -522,8 +522,8 @@ fn a_bridge_name_that_names_another_interface_is_left_alone() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn misuse_of_the_command_line_as_a_hook_ends_in_one_line() {
-    root_only!();
     let rig = Rig::new(CFG);
     for args in [
         vec!["hook", "foo"],

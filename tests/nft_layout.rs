@@ -141,8 +141,8 @@ fn assert_same(ours: &Value, old: &Value) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn tables_match_the_nft_text_they_replace() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let (a, b) = (rig.container(), rig.container());
     must_succeed(
@@ -217,8 +217,8 @@ fn tables_match_the_nft_text_they_replace() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_flushed_table_is_noticed_and_the_next_setup_rebuilds_it() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let (a, b) = (rig.container(), rig.container());
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup a");
@@ -248,8 +248,8 @@ fn a_flushed_table_is_noticed_and_the_next_setup_rebuilds_it() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn gc_deletes_map_elements_no_record_knows_and_restores_lost_ones() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup a");
@@ -295,8 +295,8 @@ fn gc_deletes_map_elements_no_record_knows_and_restores_lost_ones() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn two_instances_in_one_namespace_keep_separate_tables() {
-    root_only!();
     let mut rig = Rig::new(CFG);
     let (a, b) = (rig.container(), rig.container());
     must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup a");

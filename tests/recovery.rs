@@ -7,8 +7,8 @@ mod common;
 use common::*;
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_dead_holder_without_poststop_is_released_when_its_port_is_asked_for() {
-    root_only!();
     let mut rig = Rig::new("[ports]\ndynamic_range = \"43000-43001\"\n");
     let (a, b, live) = (rig.container(), rig.container(), rig.container());
     must_succeed(

@@ -248,6 +248,7 @@ fn shipped_hook_files_agree_and_name_their_stages() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn two_dynamic_replicas_serve_through_their_own_host_ports() {
     let lab = Lab::new(HookSource::RuncSnippet);
     let a = lab.start_ok("web1", r#"[{"containerPort":80}]"#);
@@ -283,6 +284,7 @@ fn two_dynamic_replicas_serve_through_their_own_host_ports() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn static_host_port_conflict_fails_the_second_container_and_leaves_no_trace() {
     let lab = Lab::new(HookSource::RuncSnippet);
     let first = lab.start_ok("web1", r#"[{"containerPort":80,"hostPort":18080}]"#);
@@ -320,6 +322,7 @@ fn static_host_port_conflict_fails_the_second_container_and_leaves_no_trace() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn runc_delete_runs_poststop_and_releases_everything() {
     // Registered from the oci-hooks.d files this time, so both shipped formats run for real.
     let lab = Lab::new(HookSource::OciHooksD);
@@ -350,6 +353,7 @@ fn runc_delete_runs_poststop_and_releases_everything() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_container_failing_after_network_setup_is_released_by_poststop() {
     // runc runs createRuntime, then fails to exec the process and destroys the container,
     // running poststop: the setup must not leak.
@@ -376,6 +380,7 @@ fn a_container_failing_after_network_setup_is_released_by_poststop() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn host_mode_second_claim_is_refused_while_the_first_keeps_serving() {
     let lab = Lab::new(HookSource::RuncSnippet);
     let httpd = ["/bin/busybox", "httpd", "-f", "-p", "18181", "-h", "/www"];
@@ -403,6 +408,7 @@ fn host_mode_second_claim_is_refused_while_the_first_keeps_serving() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn none_mode_container_has_only_loopback_up() {
     let lab = Lab::new(HookSource::RuncSnippet);
     let (ok, out) = lab.start_mode("n1", "none", "[]", &["/bin/busybox", "sleep", "30"]);
@@ -423,6 +429,7 @@ fn none_mode_container_has_only_loopback_up() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn two_awsvpc_tasks_serve_the_subnet_and_runc_delete_hands_their_enis_back() {
     // H keeps its default route over the link to C, so no ENI is the primary interface.
     let lab = Lab::new(HookSource::RuncSnippet);
@@ -480,6 +487,7 @@ fn two_awsvpc_tasks_serve_the_subnet_and_runc_delete_hands_their_enis_back() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn awsvpc_ingress_rules_under_runc_admit_only_the_listed_peer() {
     let lab = Lab::new(HookSource::RuncSnippet);
     let mut vpc = lab.vpc();
@@ -512,6 +520,7 @@ fn awsvpc_ingress_rules_under_runc_admit_only_the_listed_peer() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn awsvpc_task_under_runc_cannot_reach_instance_metadata_but_the_peer_can() {
     let lab = Lab::new(HookSource::RuncSnippet);
     let mut vpc = lab.vpc();
@@ -551,6 +560,7 @@ fn awsvpc_task_under_runc_cannot_reach_instance_metadata_but_the_peer_can() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn shared_eni_tasks_under_runc_get_their_own_addresses_until_none_is_free() {
     let lab = Lab::new(HookSource::RuncSnippet);
     let mut vpc = lab.vpc();
@@ -624,6 +634,7 @@ fn shared_eni_tasks_under_runc_get_their_own_addresses_until_none_is_free() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn runc_refuses_the_primary_interface_and_an_eni_already_given() {
     let lab = Lab::new(HookSource::RuncSnippet);
     let mut vpc = lab.vpc();

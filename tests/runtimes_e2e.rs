@@ -949,76 +949,91 @@ fn shipped_containerd_and_oci_hooks_files_register_the_runc_hooks() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn crun_dynamic_host_ports_serve_pages_to_a_client() {
     dynamic_ports_serve_through_host_ports(Rt::Crun);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn crun_static_port_conflict_is_rolled_back_by_netshim_alone() {
     static_port_conflict_leaves_no_trace(Rt::Crun);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn crun_delete_runs_poststop_and_releases_everything() {
     delete_releases_everything(Rt::Crun);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn crun_failure_after_setup_is_released_by_shim_gc() {
     failure_after_setup_is_released(Rt::Crun);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn containerd_dynamic_host_ports_serve_pages_to_a_client() {
     dynamic_ports_serve_through_host_ports(Rt::Containerd);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn containerd_static_port_conflict_leaves_no_trace() {
     static_port_conflict_leaves_no_trace(Rt::Containerd);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn containerd_task_rm_runs_poststop_and_releases_everything() {
     delete_releases_everything(Rt::Containerd);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn containerd_failure_after_setup_is_released_by_poststop() {
     failure_after_setup_is_released(Rt::Containerd);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn podman_dynamic_host_ports_serve_pages_to_a_client() {
     dynamic_ports_serve_through_host_ports(Rt::Podman);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn podman_static_port_conflict_is_rolled_back_by_netshim_alone() {
     static_port_conflict_leaves_no_trace(Rt::Podman);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn podman_container_exit_runs_poststop_and_releases_everything() {
     delete_releases_everything(Rt::Podman);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn podman_failure_after_setup_is_released_by_shim_gc() {
     failure_after_setup_is_released(Rt::Podman);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn crun_awsvpc_task_serves_the_subnet_and_delete_hands_its_eni_back() {
     awsvpc_task_serves_the_subnet_and_hands_its_eni_back(Rt::Crun);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn containerd_awsvpc_task_serves_the_subnet_and_task_rm_hands_its_eni_back() {
     awsvpc_task_serves_the_subnet_and_hands_its_eni_back(Rt::Containerd);
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn podman_awsvpc_task_serves_the_subnet_and_its_exit_hands_the_eni_back() {
     awsvpc_task_serves_the_subnet_and_hands_its_eni_back(Rt::Podman);
 }

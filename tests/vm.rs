@@ -414,6 +414,7 @@ fn assert_suite_passed(name: &str) {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn guest_runs_debians_6_1_kernel() {
     let Some(run) = run() else { return };
     let s = step(run, "kernel");
@@ -433,41 +434,49 @@ fn guest_runs_debians_6_1_kernel() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn links_only_the_guest_has_work_vlan_dummy_ipvlan() {
     assert_suite_passed("vm");
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn host_and_none_suite_passes_on_6_1() {
     assert_suite_passed("host_none");
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn recovery_suite_passes_on_6_1() {
     assert_suite_passed("recovery");
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn bridge_suite_passes_on_6_1() {
     assert_suite_passed("bridge");
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn bridge_suite_passes_on_6_1_with_br_netfilter() {
     assert_suite_passed("bridge_br_netfilter");
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn awsvpc_suite_passes_on_6_1() {
     assert_suite_passed("awsvpc");
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn runc_end_to_end_suite_passes_on_6_1() {
     assert_suite_passed("runc_e2e");
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn extra_suites_pass_on_6_1() {
     for t in extra_targets() {
         assert_suite_passed(&format!("extra_{t}"));
@@ -475,6 +484,7 @@ fn extra_suites_pass_on_6_1() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn guest_is_left_clean_after_the_suites() {
     let Some(run) = run() else { return };
     let s = step(run, "leftovers");
@@ -487,6 +497,7 @@ fn guest_is_left_clean_after_the_suites() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn guest_kernel_logs_no_warning_or_bug() {
     let Some(run) = run() else { return };
     let s = step(run, "dmesg");
@@ -600,7 +611,6 @@ fn modprobe(m: &str) {
 #[test]
 #[ignore = "needs 802.1Q: runs in the VM lab"]
 fn vlans_on_a_trunk_carry_only_their_own_tag() {
-    root_only!();
     modprobe("8021q");
     let t = Trunk::new();
     // VLAN 5 on both ends: the same tag, traffic flows.
@@ -645,7 +655,6 @@ fn vlans_on_a_trunk_carry_only_their_own_tag() {
 #[test]
 #[ignore = "needs dummy and ipvlan links: runs in the VM lab"]
 fn dummy_and_ipvlan_links_carry_traffic() {
-    root_only!();
     modprobe("dummy");
     modprobe("ipvlan");
     let t = Trunk::new();
@@ -702,7 +711,6 @@ const BRIDGE_MODULES: [&str; 8] = [
 #[test]
 #[ignore = "needs a fresh modular kernel: runs in the VM lab"]
 fn first_setup_after_boot_loads_the_modules_it_needs_on_demand() {
-    root_only!();
     let before = loaded_modules();
     for m in ["bridge", "nf_tables"] {
         assert!(

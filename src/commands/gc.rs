@@ -70,6 +70,9 @@ pub fn gc(g: &Globals) -> anyhow::Result<()> {
         Ok(fixed) => fixed.iter().for_each(|f| println!("{f}")),
         Err(e) => failed.push(format!("{e:#}")),
     }
+    for note in shadowed_ports(&records) {
+        println!("{note}");
+    }
     if !failed.is_empty() {
         bail!("gc: {}", failed.join("; "));
     }
@@ -146,4 +149,25 @@ pub fn reset(g: &Globals, force: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Mapped host ports a host process has bound since (explicitly: dynamic ones are kept out of the
+/// ephemeral range): the mapping wins, the process gets no traffic on them. Said, not changed.
+fn shadowed_ports(records: &[crate::state::ContainerRecord]) -> Vec<String> {
+    use crate::alloc::PortProbe;
+    let probe = crate::kernel::probe::BindProbe;
+    let mut out = Vec::new();
+    for r in records.iter().filter(|r| r.mode == NetworkMode::Bridge) {
+        for p in &r.ports {
+            if let Some(h) = probe.holder(p.protocol, p.host_port, p.host_ip) {
+                out.push(format!(
+                    "note: host port {}/{} is mapped to container {} but {h} has bound it too: it gets no traffic there",
+                    p.host_port,
+                    p.protocol,
+                    crate::output::escape_controls(&r.id)
+                ));
+            }
+        }
+    }
+    out
 }

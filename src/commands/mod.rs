@@ -1,9 +1,11 @@
 //! One module per verb; `main.rs` only parses arguments and dispatches here. Commands never
 //! import each other: what two of them share lives in the library modules.
 
+pub mod drain;
 pub mod gc;
 pub mod hook;
 pub mod ports;
+pub mod registrar;
 
 use std::path::{Path, PathBuf};
 
@@ -33,3 +35,18 @@ impl Globals {
         })
     }
 }
+
+/// An error that ends the process with its own exit code (drain's timeout exits 3).
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub msg: String,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Exit {}

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::commands::Globals;
 use crate::kernel::netlink::Netlink;
-use crate::state::State;
+use crate::lb;
+use crate::state::{LbState, State};
 use crate::types::NetworkMode;
 
 /// One mapped port, as the contract names its fields.
@@ -30,6 +31,11 @@ pub struct PortEntry {
     pub target_port: u16,
     pub name: Option<String>,
     pub dynamic: bool,
+    /// `serving`, or `draining` once `shim drain` marked the container.
+    pub state: LbState,
+    /// awsvpc: the MAC of the task's ENI (for exports that name the ENI).
+    #[serde(skip)]
+    pub eni_mac: Option<String>,
 }
 
 /// Flattens the state into entries (pure: `host_ip` is the host's address for LB targets).
@@ -56,7 +62,8 @@ pub fn entries(
             };
             out.push(PortEntry {
                 container_id: c.id.clone(),
-                service: c.service.clone(),
+                // Only names that are safe in every load-balancer format are shown.
+                service: c.service.clone().filter(|s| lb::safe_name(s)),
                 network_mode: c.mode,
                 protocol: p.protocol.to_string(),
                 container_port: p.container_port,
@@ -72,6 +79,8 @@ pub fn entries(
                 target_port,
                 name: p.name.clone(),
                 dynamic: p.dynamic,
+                state: c.lb,
+                eni_mac: c.eni.as_ref().map(|e| e.mac.to_string()),
             });
         }
     }
@@ -92,26 +101,77 @@ pub fn host_address(g: &Globals) -> anyhow::Result<Ipv4Addr> {
     Ok(found.unwrap_or(Ipv4Addr::LOCALHOST))
 }
 
-pub fn list(
-    g: &Globals,
-    json: bool,
-    container: Option<&str>,
-    service: Option<&str>,
-) -> anyhow::Result<()> {
+/// What `ports list` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Elbv2,
+    Slb,
+    #[value(name = "file-sd")]
+    FileSd,
+    Nginx,
+    Haproxy,
+}
+
+/// Which entries `ports list` shows.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub container: Option<String>,
+    pub service: Option<String>,
+    pub state: Option<LbState>,
+    pub protocol: Option<crate::types::Protocol>,
+}
+
+pub fn list(g: &Globals, format: Format, f: &Filter) -> anyhow::Result<()> {
     let state = g.state()?.load()?;
     let host = host_address(g)?;
-    let rows = entries(&state, host, container, service);
-    let text = if json {
-        serde_json::to_string_pretty(&rows)?
-    } else {
-        table(&rows)
+    let mut rows = entries(&state, host, f.container.as_deref(), f.service.as_deref());
+    // `register-targets` must not re-register what is draining: elbv2 lists serving targets
+    // unless asked for draining ones (`--state draining`, for `deregister-targets`).
+    let want = match (f.state, format) {
+        (None, Format::Elbv2) => Some(LbState::Serving),
+        (s, _) => s,
+    };
+    rows.retain(|r| {
+        want.is_none_or(|w| r.state == w) && f.protocol.is_none_or(|p| r.protocol == p.as_str())
+    });
+    let text = match format {
+        Format::Table => table(&rows),
+        Format::Json => serde_json::to_string_pretty(&rows)?,
+        Format::Elbv2 => lb::export::elbv2(&rows, &instance_id(g)?),
+        Format::Slb => {
+            let cfg = g.load_config()?;
+            let eni = |mac: &str| crate::metadata::eni_id(&cfg.awsvpc, mac);
+            lb::export::slb(&rows, &instance_id(g)?, &eni)
+        }
+        Format::FileSd => lb::export::file_sd(&rows),
+        Format::Nginx => lb::export::nginx(&lb::targets(&rows), &[]),
+        Format::Haproxy => lb::export::haproxy(&lb::targets(&rows)),
     };
     let mut out = std::io::stdout().lock();
+    let text = text.trim_end_matches('\n');
     match writeln!(out, "{text}").and_then(|_| out.flush()) {
         // A reader that stopped early (`| head`) is not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => Ok(r?),
     }
+}
+
+/// The instance id exports name bridge and host targets by: `[lb] instance_id`, else instance
+/// metadata, else the host name.
+pub fn instance_id(g: &Globals) -> anyhow::Result<String> {
+    let cfg = g.load_config()?;
+    if let Some(id) = cfg.lb.instance_id {
+        return Ok(id);
+    }
+    if let Some(id) = crate::metadata::quick_value(&cfg.awsvpc, "instance-id")
+        && lb::safe_name(&id)
+    {
+        return Ok(id);
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    Ok(host.trim().to_string())
 }
 
 /// The human table.
@@ -124,8 +184,9 @@ pub fn table(rows: &[PortEntry]) -> String {
         "HOST",
         "CONTAINER ADDR",
         "TARGET",
+        "STATE",
     ];
-    let mut cells: Vec<[String; 7]> = vec![head.map(String::from)];
+    let mut cells: Vec<[String; 8]> = vec![head.map(String::from)];
     for r in rows {
         // 64-hex ids (podman, containerd) are shortened as those tools do; others stay whole.
         let id = if r.container_id.len() == 64
@@ -152,9 +213,10 @@ pub fn table(rows: &[PortEntry]) -> String {
                 r.container_port
             ),
             format!("{}:{}", r.target_ip, r.target_port),
+            r.state.as_str().to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..7)
+    let widths: Vec<usize> = (0..8)
         .map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0))
         .collect();
     let lines: Vec<String> = cells
@@ -216,6 +278,7 @@ mod tests {
             "containerIP",
             "targetIP",
             "targetPort",
+            "state",
         ] {
             assert!(v[0].get(k).is_some(), "missing {k}: {v}");
         }
@@ -223,6 +286,8 @@ mod tests {
         assert_eq!(v[0]["targetPort"], 49153);
         assert_eq!(v[0]["networkMode"], "bridge");
         assert_eq!(v[1]["service"], serde_json::Value::Null);
+        assert_eq!(v[0]["state"], "serving");
+        assert!(v[0].get("eniMac").is_none(), "{v}");
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Fake {
     pub default_links: Vec<(u32, u32)>,
     /// Host sysctls set, by "dev/key" (and "ip_forward").
     pub sysctls: HashMap<String, String>,
+    /// `ip_local_reserved_ports`.
+    pub reserved: std::collections::BTreeSet<u16>,
     /// Live pins: path → namespace.
     pub pins: HashMap<PathBuf, Ns>,
     /// Host nftables.
@@ -251,6 +253,19 @@ impl Kernel for Fake {
             fixed.push("brought it up".into());
         }
         Ok(fixed)
+    }
+
+    fn reserved_ports(&mut self) -> io::Result<Vec<u16>> {
+        Ok(self.reserved.iter().copied().collect())
+    }
+
+    fn change_reserved_ports(&mut self, add: &[u16], remove: &[u16]) -> io::Result<()> {
+        self.io_step("reserve_ports")?;
+        self.reserved.extend(add.iter().copied());
+        for p in remove {
+            self.reserved.remove(p);
+        }
+        Ok(())
     }
 
     fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<()> {

@@ -132,6 +132,14 @@ impl Kernel for HostKernel {
         sysctl::enable_route_localnet(bridge)
     }
 
+    fn reserved_ports(&mut self) -> io::Result<Vec<u16>> {
+        sysctl::reserved_ports()
+    }
+
+    fn change_reserved_ports(&mut self, add: &[u16], remove: &[u16]) -> io::Result<()> {
+        sysctl::change_reserved_ports(add, remove)
+    }
+
     fn add_veth(
         &mut self,
         host: &str,

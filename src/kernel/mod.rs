@@ -1,4 +1,5 @@
-//! The only code that talks to the kernel: netlink, nftables, netns, sysctl, conntrack.
+//! The only code that talks to the kernel: netlink, nftables, netns, sysctl, conntrack, socket
+//! diagnostics (`sockdiag`, for `shim drain`).
 //!
 //! The modes reach it through one port, [`Kernel`]: the bridge composites (bridge, bridge port,
 //! container side) and the narrow primitives awsvpc needs (links, addresses, routes, rules,
@@ -15,6 +16,7 @@ pub mod netlink;
 pub mod netns;
 pub mod nft;
 pub mod probe;
+pub mod sockdiag;
 pub mod sysctl;
 
 use std::collections::BTreeMap;
@@ -111,6 +113,10 @@ pub trait Kernel {
     ) -> Result<Vec<String>, NlError>;
     /// Host sysctls the bridge needs (forwarding; route_localnet on the bridge).
     fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<()>;
+    /// Ports the host keeps out of its ephemeral range (`ip_local_reserved_ports`).
+    fn reserved_ports(&mut self) -> io::Result<Vec<u16>>;
+    /// Adds and removes ports of `ip_local_reserved_ports`, keeping the rest.
+    fn change_reserved_ports(&mut self, add: &[u16], remove: &[u16]) -> io::Result<()>;
     /// veth pair: `host` on `master` here (up, hairpin on, no IPv6), `peer` inside `netns`.
     fn add_veth(
         &mut self,

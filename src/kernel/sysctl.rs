@@ -53,3 +53,81 @@ pub fn set_conf(dev: &str, key: &str, value: &str) -> io::Result<String> {
     }
     set(&format!("/proc/sys/net/ipv4/conf/{dev}/{key}"), value)
 }
+
+const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// Parses `net.ipv4.ip_local_reserved_ports` ("8080,9000-9100").
+pub fn parse_port_list(s: &str) -> Vec<u16> {
+    let mut out = Vec::new();
+    for part in s.trim().split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(a), Ok(b)) = (a.trim().parse::<u16>(), b.trim().parse::<u16>())
+            && a <= b
+        {
+            out.extend(a..=b);
+        }
+    }
+    out
+}
+
+/// Renders ports as the kernel's list, runs of consecutive ports as ranges.
+pub fn render_port_list(ports: &std::collections::BTreeSet<u16>) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut it = ports.iter().copied().peekable();
+    while let Some(start) = it.next() {
+        let mut end = start;
+        while it.peek() == Some(&(end.wrapping_add(1))) && end < u16::MAX {
+            end += 1;
+            it.next();
+        }
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+    }
+    parts.join(",")
+}
+
+/// The ports the host keeps out of the ephemeral range.
+pub fn reserved_ports() -> io::Result<Vec<u16>> {
+    fs::read_to_string(RESERVED)
+        .map(|s| parse_port_list(&s))
+        .map_err(|e| named(RESERVED, e))
+}
+
+/// Adds `add` to and removes `remove` from `net.ipv4.ip_local_reserved_ports`, keeping what
+/// else is there; written only when it changes.
+pub fn change_reserved_ports(add: &[u16], remove: &[u16]) -> io::Result<()> {
+    let cur = fs::read_to_string(RESERVED).map_err(|e| named(RESERVED, e))?;
+    let mut set: std::collections::BTreeSet<u16> = parse_port_list(&cur).into_iter().collect();
+    let before = set.clone();
+    set.extend(add.iter().copied());
+    for p in remove {
+        set.remove(p);
+    }
+    if set == before {
+        return Ok(());
+    }
+    let text = render_port_list(&set);
+    // An empty list is written as a newline (the kernel refuses an empty write).
+    fs::write(RESERVED, if text.is_empty() { "\n".into() } else { text })
+        .map_err(|e| named(RESERVED, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserved_list_round_trips_with_ranges() {
+        let p = parse_port_list("22, 8080,9000-9003,bad,7-5\n");
+        assert_eq!(p, vec![22, 8080, 9000, 9001, 9002, 9003]);
+        let set = p.into_iter().collect();
+        assert_eq!(render_port_list(&set), "22,8080,9000-9003");
+        assert_eq!(
+            render_port_list(&[65534u16, 65535].into_iter().collect()),
+            "65534-65535"
+        );
+    }
+}

@@ -36,11 +36,14 @@ pub fn dynamic_range(cfg: &Config) -> PortRange {
         })
 }
 
-/// The port policy in force: the dynamic range, reserved ports and reuse delay of `cfg`.
-pub fn port_policy(cfg: &Config) -> PortPolicy<'_> {
+/// The port policy in force: the dynamic range, the config's reserved ports plus those the host
+/// keeps out of its ephemeral range, and the reuse delay of `cfg`.
+pub fn port_policy(cfg: &Config, host_reserved: &[u16]) -> PortPolicy {
+    let mut reserved = cfg.reserved.clone();
+    reserved.extend_from_slice(host_reserved);
     PortPolicy {
         dynamic: dynamic_range(cfg),
-        reserved: &cfg.reserved,
+        reserved,
         reuse_delay: cfg.reuse_delay.as_secs(),
         now: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -108,6 +111,32 @@ pub fn check_host_ips(k: &mut dyn Kernel, req: &NetworkRequest) -> anyhow::Resul
     Ok(())
 }
 
+/// The host's reserved ports, read only when the request has a dynamic mapping: netshim adds
+/// the ports it picks there itself, so a dynamic pick must not take one the host reserved.
+pub fn host_reserved(k: &mut dyn Kernel, req: &NetworkRequest) -> anyhow::Result<Vec<u16>> {
+    let dynamic = req
+        .mappings
+        .iter()
+        .any(|m| m.host == crate::request::HostPorts::Dynamic);
+    if !dynamic {
+        return Ok(Vec::new());
+    }
+    k.reserved_ports()
+        .context("read net.ipv4.ip_local_reserved_ports")
+}
+
+/// Dynamic host ports of `ports`: netshim keeps them out of the kernel's ephemeral range.
+fn dynamic_ports(ports: &[PortRecord]) -> Vec<u16> {
+    let mut v: Vec<u16> = ports
+        .iter()
+        .filter(|p| p.dynamic)
+        .map(|p| p.host_port)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 /// Allocates address, veth name and host ports in `state` (the kernel is only read: host
 /// addresses for `hostIp`, and the port probe).
 pub fn plan(
@@ -119,7 +148,9 @@ pub fn plan(
     probe: &dyn PortProbe,
 ) -> anyhow::Result<ModeFields> {
     check_host_ips(k, req)?;
-    let ports = alloc::allocate_ports(state, id, &req.mappings, &port_policy(cfg), probe)?;
+    let host_reserved = host_reserved(k, req)?;
+    let policy = port_policy(cfg, &host_reserved);
+    let ports = alloc::allocate_ports(state, id, &req.mappings, &policy, probe)?;
     let ip = alloc::allocate_ip(state, cfg.subnet)?;
     let veth = veth_name(id, state);
     Ok(ModeFields {
@@ -133,6 +164,8 @@ pub fn plan(
 
 enum Undo {
     DelLink(String),
+    /// Dynamic ports this run added to `ip_local_reserved_ports`.
+    Unreserve(Vec<u16>),
     Nft(Batch),
     /// The table was created by this run with nothing else in it.
     DelTable(String),
@@ -171,6 +204,11 @@ pub fn apply(
             Undo::Nft(b) => {
                 if let Err(x) = k.nft(b) {
                     left.push("delete map elements", "", x);
+                }
+            }
+            Undo::Unreserve(p) => {
+                if let Err(x) = k.change_reserved_ports(&[], p) {
+                    left.push("unreserve host ports", "", x);
                 }
             }
             Undo::DelTable(t) => {
@@ -284,6 +322,13 @@ fn apply_steps(
         })?;
     crate::fault::point("bridge-container");
     trace::mark("container-side");
+    // The bridge port turns forwarding when the kernel handles the veth's carrier event, which
+    // it does later, from a work queue; a packet sent before (a load balancer's first check and
+    // its ARP) is dropped, and ARP asks again only a second later. Getting the link runs that
+    // event now (the kernel syncs link state on a single-link RTM_GETLINK), so the container is
+    // reachable once the hook returns. Best effort: without it the port comes up all the same.
+    let _ = k.link(veth);
+    trace::mark("port-forwarding");
 
     // The table (NAT for egress, DNAT maps): checked with one rule dump, rebuilt from the ledger
     // when missing or damaged (a firewall reload, `nft flush table`), else only this
@@ -318,6 +363,13 @@ fn apply_steps(
     if !ports.is_empty() {
         let del = firewall::delete_elements(&table, ports, &|p| still_mapped(state, "", p));
         undo.push(Undo::Nft(firewall::concat(&del)));
+        let dynamic = dynamic_ports(ports);
+        if !dynamic.is_empty() {
+            // Never the source port of an outgoing connection of the host while mapped.
+            k.change_reserved_ports(&dynamic, &[])
+                .context("reserve the dynamic host ports (net.ipv4.ip_local_reserved_ports)")?;
+            undo.push(Undo::Unreserve(dynamic));
+        }
         let udp = udp_host_ports(ports);
         if !udp.is_empty() {
             k.flush_udp(Stale::HostPorts(&udp))
@@ -448,6 +500,24 @@ pub fn teardown(
             }
         }
         trace::mark("nft");
+        // Its dynamic ports leave the reserved list unless another mapping (the other
+        // protocol) still holds the number.
+        let free: Vec<u16> = dynamic_ports(&rec.ports)
+            .into_iter()
+            .filter(|p| {
+                [Protocol::Tcp, Protocol::Udp].iter().all(|proto| {
+                    state
+                        .port_holders(*proto, *p)
+                        .iter()
+                        .all(|(_, id)| id == &rec.id)
+                })
+            })
+            .collect();
+        if !free.is_empty()
+            && let Err(e) = k.change_reserved_ports(&[], &free)
+        {
+            errs.push("unreserve host ports of", &rec.id, e);
+        }
         // Everything DNATed to this container goes, all ports in one request.
         let udp = udp_host_ports(&rec.ports);
         let stale = rec.ip.map_or(Stale::HostPorts(&udp), Stale::RepliesFrom);

@@ -40,7 +40,7 @@ pub fn plan(
         }
     }
     check_host_ips(k, req)?;
-    let mut ports = alloc::allocate_ports(state, id, &claims, &port_policy(cfg), probe)?;
+    let mut ports = alloc::allocate_ports(state, id, &claims, &port_policy(cfg, &[]), probe)?;
     for p in &mut ports {
         p.dynamic = false;
     }

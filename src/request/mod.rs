@@ -294,3 +294,138 @@ mod tests {
         assert!(long.len() < 100 && long.ends_with('…'), "{long}");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! The parser against hostile input: every fixture in `fixtures/requests/` (attacks seen
+    //! and sound requests) gets its expected answer, and arbitrary annotations never panic and
+    //! are refused in one line without control characters.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn check_error_shape(e: &RequestError) {
+        let t = e.to_string();
+        assert!(
+            !t.contains('\n') && !t.chars().any(char::is_control),
+            "{t:?}"
+        );
+        assert!(t.len() < 600, "{} bytes: {t:.100}", t.len());
+    }
+
+    #[test]
+    fn every_fixture_gets_its_expected_answer() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/requests");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            let ann: HashMap<String, String> =
+                serde_json::from_value(v["annotations"].clone()).unwrap();
+            let expect = v["expect"].as_str().unwrap();
+            match (from_annotations(&ann), expect) {
+                (Ok(None), "none") => {}
+                (Ok(Some(_)), "") => {}
+                (Err(e), want) if !want.is_empty() && want != "none" => {
+                    check_error_shape(&e);
+                    assert!(e.to_string().contains(want), "{}: {e}", p.display());
+                }
+                (got, want) => panic!("{}: got {got:?}, want {want:?}", p.display()),
+            }
+            n += 1;
+        }
+        assert!(n >= 10, "only {n} fixtures");
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            (0u32..70000).prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::String),
+            prop_oneof![
+                Just("02:00:00:00:00:01"),
+                Just("10.0.1.5/24"),
+                Just("8000-8010"),
+                Just("tcp"),
+                Just("udp"),
+                Just("shared"),
+                Just("branch"),
+                Just("\u{1b}[2J\u{9b}")
+            ]
+            .prop_map(|s| Value::String(s.into())),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            let keys = prop_oneof![
+                Just("containerPort"),
+                Just("containerPortRange"),
+                Just("hostPort"),
+                Just("hostIp"),
+                Just("protocol"),
+                Just("name"),
+                Just("macAddress"),
+                Just("ipv4Addresses"),
+                Just("attachment"),
+                Just("trunkMacAddress"),
+                Just("vlanId"),
+                Just("port"),
+                Just("portRange"),
+                Just("cidr"),
+                Just("x"),
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map(keys.prop_map(String::from), inner, 0..5)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+        #[test]
+        fn arbitrary_annotations_never_panic_and_refuse_in_one_line(
+            mode in prop_oneof![
+                Just("bridge".to_string()),
+                Just("host".to_string()),
+                Just("awsvpc".to_string()),
+                Just("none".to_string()),
+                "\\PC{0,8}"
+            ],
+            maps in json_value(),
+            eni in json_value(),
+            ingress in json_value(),
+            service in "\\PC{0,70}",
+            raw in "\\PC{0,40}",
+        ) {
+            let mut a = HashMap::new();
+            a.insert(MODE.to_string(), mode);
+            a.insert(PORT_MAPPINGS.to_string(), maps.to_string());
+            a.insert(ENI.to_string(), eni.to_string());
+            a.insert(INGRESS.to_string(), ingress.to_string());
+            a.insert(SERVICE.to_string(), service);
+            if let Err(e) = from_annotations(&a) {
+                check_error_shape(&e);
+            }
+            // Raw, non-JSON text in every slot.
+            for k in [PORT_MAPPINGS, ENI, INGRESS] {
+                let mut b = HashMap::new();
+                b.insert(MODE.to_string(), "awsvpc".to_string());
+                b.insert(k.to_string(), raw.clone());
+                if let Err(e) = from_annotations(&b) {
+                    check_error_shape(&e);
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_oci_states_never_panic(text in "\\PC{0,200}", id in "\\PC{0,40}") {
+            let _ = crate::oci::OciState::parse(&text);
+            let st = serde_json::json!({"id": id, "pid": 5}).to_string();
+            if let Err(e) = crate::oci::OciState::parse(&st) {
+                let t = format!("{e:#}");
+                prop_assert!(!t.chars().any(char::is_control), "{:?}", t);
+            }
+        }
+    }
+}

@@ -592,7 +592,6 @@ impl StateDir {
         self.write_index(st)
     }
 
-    #[allow(dead_code)] // `shim drain` marks records with it
     /// Rewrites a committed record whose claims did not change (e.g. `shim drain` marking it),
     /// advancing the revision. Returns the new revision.
     pub fn put(&self, r: &ContainerRecord, _lock: &Lock) -> Result<u64, StateError> {

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 pub use claims::{Claim, ClaimDir, Holder};
 pub use dir::{Lock, StateDir};
-pub use record::{ContainerRecord, EniRecord, PortRecord};
+pub use record::{ContainerRecord, EniRecord, LbState, PortRecord};
 
 use crate::types::{MacAddr, Protocol};
 

@@ -3,23 +3,23 @@
 //! namespaces with a process inside, and a "client machine" namespace routed to the host.
 //! Everything is named with a unique prefix and removed on drop, also when a test fails.
 //!
-//! Test files use it as `#[macro_use] mod common;` (for [`root_only!`]). Submodules: `vpc` (the
+//! Tests that need root carry `#[cfg_attr(not(root), ignore = "needs root: ...")]` (build.rs sets
+//! `cfg(root)` when root builds them), so an unprivileged `cargo test` lists them as ignored.
+//! Test files use this module as `#[macro_use] mod common;`. Submodules: `vpc` (the
 //! awsvpc rig: a VPC namespace, peers, veth ENIs, fake metadata) and `lab` (the end-to-end
 //! tests' world under real runtimes: shipped hook files, busybox bundles, page fetches).
 #![allow(dead_code)]
 
-/// Returns early (the test passes, with a note) unless the test runs as root.
+/// Fails a test that runs without root (the `cfg_attr` ignore normally keeps it from running).
 #[allow(unused_macros)]
 macro_rules! root_only {
     () => {
-        if !$crate::common::is_root() {
-            eprintln!("skipped: needs root");
-            return;
-        }
+        assert!($crate::common::is_root(), "this test needs root");
     };
 }
 
 pub mod lab;
+pub mod lb;
 pub mod vpc;
 
 use std::fs::{self, File};
@@ -260,6 +260,18 @@ impl Rig {
         )
     }
 
+    /// Sets the host namespace's `ip_local_reserved_ports` (what an admin reserved).
+    pub fn shim_reserved(&self, list: &str) {
+        let ok = command_in(&self.host, "/bin/sh")
+            .args([
+                "-c",
+                &format!("echo {list} > /proc/sys/net/ipv4/ip_local_reserved_ports"),
+            ])
+            .status()
+            .expect("sh");
+        assert!(ok.success(), "set reserved ports");
+    }
+
     /// Runs `shim` inside the host namespace with the rig's state dir and config.
     pub fn shim(&self, args: &[&str], stdin: &str) -> Output {
         self.shim_env(args, stdin, &[])
@@ -486,6 +498,15 @@ pub fn must_fail_with(o: &Output, needles: &[&str]) {
     for n in needles {
         assert!(e.contains(n), "{e:?} lacks {n:?}");
     }
+}
+
+/// `net.ipv4.ip_local_reserved_ports` of netns `ns`.
+pub fn reserved_ports(ns: &str) -> String {
+    let out = command_in(ns, "/bin/cat")
+        .arg("/proc/sys/net/ipv4/ip_local_reserved_ports")
+        .output()
+        .expect("cat");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// The ids of the committed records in a state dir, sorted.

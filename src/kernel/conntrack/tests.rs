@@ -350,11 +350,6 @@ const CTA_PROTONAT_PORT_MIN: u16 = 1;
 const CTA_PROTONAT_PORT_MAX: u16 = 2;
 const IPPROTO_TCP: u8 = 6;
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Runs `f` on a thread in a new, unnamed network namespace: it and all its conntrack
 /// entries vanish when the thread ends, whatever happens.
 fn in_private_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -594,11 +589,8 @@ fn leak<T>(v: Vec<T>) -> &'static [T] {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn setup_of_one_udp_port_removes_exactly_its_stale_entries_on_every_kernel_path() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let ports = leak(vec![HostPort {
         addr: None,
         port: 5353,
@@ -611,11 +603,8 @@ fn setup_of_one_udp_port_removes_exactly_its_stale_entries_on_every_kernel_path(
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn setup_of_a_1000_port_range_is_one_dump_and_removes_exactly_its_stale_entries() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let ports: Vec<HostPort> = (30000..31000)
         .map(|port| HostPort { addr: None, port })
         .collect();
@@ -629,11 +618,8 @@ fn setup_of_a_1000_port_range_is_one_dump_and_removes_exactly_its_stale_entries(
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn setup_of_a_port_on_one_host_address_leaves_the_other_addresses_alone() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let other = Ipv4Addr::new(198, 51, 100, 2);
     let ports = leak(vec![HostPort {
         addr: Some(HOST),
@@ -653,11 +639,8 @@ fn setup_of_a_port_on_one_host_address_leaves_the_other_addresses_alone() {
 }
 
 #[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn teardown_removes_everything_dnated_to_the_container_and_nothing_else() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     for allow in [Allow::All, Allow::DumpOnly, Allow::PlainDump] {
         let mut stale = Vec::new();
         let mut keep = Vec::new();
