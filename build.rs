@@ -1,11 +1,10 @@
-// netshim talks to nf_tables through libnftables (in-process, one transaction per call).
+// Nothing to link: netshim speaks nf_tables over netlink itself (no libnftables).
 //
 // Tests that need root (network namespaces, nftables, runtimes) carry
 // `#[cfg_attr(not(root), ignore = "needs root: ...")]`: built by root, `cfg(root)` is set and
 // they run; built by anyone else, `cargo test` lists them as ignored, by name, instead of
 // letting them pass without running.
 fn main() {
-    println!("cargo:rustc-link-lib=nftables");
     println!("cargo::rustc-check-cfg=cfg(root)");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=USER");

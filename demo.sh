@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 PROJECT=$PWD
 BRIDGE=netshim0
-PACKAGES=(runc nftables libnftables-dev busybox-static iproute2 conntrack haproxy)
+PACKAGES=(runc nftables busybox-static iproute2 conntrack haproxy)
 LB_PORT=18099
 
 if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD="" PLAIN=""; fi
@@ -59,7 +59,8 @@ fi
 section "2. Build"
 say "cargo build --release"
 "$CARGO" build --release
-SHIM=$PROJECT/target/release/shim
+# .cargo/config.toml names the target (a static, non-PIE build), so the binary is under it.
+SHIM=$PROJECT/target/x86_64-unknown-linux-gnu/release/shim
 [ -x "$SHIM" ] || die "build produced no $SHIM"
 case $SHIM in *[\"\\]*) die "project path $PROJECT contains a quote or backslash; move it" ;; esac
 

@@ -1501,7 +1501,7 @@ def main():
     ap.add_argument("--requests", type=int, help="latency samples per path (default 300)")
     ap.add_argument("--out", help="report (default docs/benchmarks.md; --quick: /tmp/...)")
     ap.add_argument("--chart", help="chart (default docs/benchmarks.png; --quick: /tmp/...)")
-    ap.add_argument("--shim", default=os.path.join(REPO, "target", "release", "shim"),
+    ap.add_argument("--shim", default=os.path.join(REPO, "target", "x86_64-unknown-linux-gnu", "release", "shim"),
                     help="the shim binary to measure (copied first)")
     ap.add_argument("--tmp-parent", default="/dev/shm", help="where the temp dir (netshim's "
                     "state dir, configs) goes (default /dev/shm: tmpfs, like /run on most hosts)")

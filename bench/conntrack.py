@@ -2,9 +2,9 @@
 """What UDP mappings cost the hook in conntrack work, for one or more shim binaries in the same run.
 
     cargo build --release
-    sudo python3 bench/conntrack.py before=/tmp/shim-old after=target/release/shim
-    sudo python3 bench/conntrack.py --runs 5 --range-runs 1 after=target/release/shim   # quick
-    sudo python3 bench/conntrack.py new=target/release/shim 6.1way=target/release/shim:dump
+    sudo python3 bench/conntrack.py before=/tmp/shim-old after=target/x86_64-unknown-linux-gnu/release/shim
+    sudo python3 bench/conntrack.py --runs 5 --range-runs 1 after=target/x86_64-unknown-linux-gnu/release/shim   # quick
+    sudo python3 bench/conntrack.py new=target/x86_64-unknown-linux-gnu/release/shim 6.1way=target/x86_64-unknown-linux-gnu/release/shim:dump
 
 Each binary gets its own "host" network namespace (nsct<pid>h<n>) holding --entries unrelated
 UDP conntrack entries (inserted over ctnetlink, 10 min timeout: clients to host ports outside the

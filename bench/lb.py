@@ -269,9 +269,9 @@ class World:
         os.makedirs(self.runc_root)
         with open(self.config, "w") as f:
             f.write(f'[ports]\ndynamic_range = "{RANGE}"\n')
-        src = os.path.join(REPO, "target", "release", "shim")
+        src = os.path.join(REPO, "target", "x86_64-unknown-linux-gnu", "release", "shim")
         if not os.path.exists(src):
-            raise BenchError("no target/release/shim: run `cargo build --release` first")
+            raise BenchError("no target/x86_64-unknown-linux-gnu/release/shim: run `cargo build --release` first")
         self.shim = os.path.join(self.tmp, "shim")
         shutil.copy2(src, self.shim)
         self.env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NETSHIM_STATE_DIR": self.state,
@@ -617,7 +617,7 @@ def machine():
     ver = lambda a: run(a, check=False).stdout.decode(errors="replace").splitlines()[0] if shutil.which(a[0]) else "?"
     return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
             "haproxy": ver(["haproxy", "-v"]), "runc": ver(["runc", "--version"]),
-            "shim": ver([os.path.join(REPO, "target", "release", "shim"), "--version"])}
+            "shim": ver([os.path.join(REPO, "target", "x86_64-unknown-linux-gnu", "release", "shim"), "--version"])}
 
 
 def report(args, prop, rolls, rs, wall):

@@ -425,7 +425,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--runtimes", default="runc,crun,containerd,podman")
-    ap.add_argument("--shim", default=os.path.join(REPO, "target", "release", "shim"))
+    ap.add_argument("--shim", default=os.path.join(REPO, "target", "x86_64-unknown-linux-gnu", "release", "shim"))
     ap.add_argument("--raw", metavar="FILE",
                     help="also write every sample (seconds: [up, delete] per run) as JSON")
     ap.add_argument("--wait-idle", type=float, default=120,

@@ -2,7 +2,7 @@
 # Installs what netshim needs to build, run and test on Debian 12 (run as root). Idempotent:
 # it only calls apt-get when something is missing.
 set -euo pipefail
-pkgs=(runc crun containerd podman nftables libnftables-dev busybox-static iproute2 conntrack python3 procps
+pkgs=(runc crun containerd podman nftables busybox-static iproute2 conntrack python3 procps
       haproxy nginx prometheus python3-botocore)
 # `scripts/deps.sh bench`: also what bench/bench.py runs (the tests do not need these).
 if [ "${1:-}" = bench ]; then

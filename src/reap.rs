@@ -62,6 +62,7 @@ pub fn recover(
     state: &mut State,
 ) -> Result<Vec<String>, StateError> {
     let mut done = Vec::new();
+    sd.sweep_temp(lock)?;
     for p in sd.pending()? {
         let committed = state
             .record(&p.id)

@@ -88,12 +88,14 @@ pub fn reload(g: &Globals) -> anyhow::Result<()> {
     reap::recover(&mut HostKernel::new(), &sd, &lock, &mut state)?;
     let records = state.records();
     state.io_result()?;
+    let table = firewall::table_name(&cfg.bridge_name);
     let layout = Layout {
+        table: &table,
         bridge: &cfg.bridge_name,
         subnet: cfg.subnet,
     };
     let bridged = records.iter().filter(|c| c.mode == NetworkMode::Bridge);
-    HostKernel::new().nft(&layout.rebuild_script(bridged))?;
+    HostKernel::new().nft(&layout.rebuild(bridged)?)?;
     Ok(())
 }
 
@@ -120,10 +122,11 @@ pub fn reset(g: &Globals, force: bool) -> anyhow::Result<()> {
         }
         sd.forget(rec, &mut state, &lock)?;
     }
-    if let Err(e) = k.nft(&firewall::delete_table_script())
+    let table = firewall::table_name(&cfg.bridge_name);
+    if let Err(e) = k.nft(&firewall::delete_table(&table))
         && !e.is_missing()
     {
-        failed.push(format!("delete table {}: {e}", firewall::TABLE));
+        failed.push(format!("delete table {table}: {e}"));
     }
     // Only netshim's own bridge: a link of that name that is not it is left alone.
     match k.link(&cfg.bridge_name)? {

@@ -10,6 +10,10 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
+use super::nft::fake::Tables;
+use super::nft::{Batch, Element, Set, TableRef};
 use super::{Addr, At, Kernel, Link, LinkChange, NftError, NlError, Route};
 use crate::types::MacAddr;
 
@@ -28,8 +32,8 @@ pub struct NsState {
     pub addrs: Vec<Addr>,
     pub routes: Vec<Route>,
     pub neighs: Vec<(u32, Ipv4Addr, MacAddr)>,
-    /// nftables scripts applied inside (task firewalls).
-    pub nft: Vec<String>,
+    /// nftables inside (task firewalls).
+    pub nft: Tables,
 }
 
 /// The fake kernel.
@@ -46,9 +50,8 @@ pub struct Fake {
     pub reserved: std::collections::BTreeSet<u16>,
     /// Live pins: path → namespace.
     pub pins: HashMap<PathBuf, Ns>,
-    /// Host nftables: whether the table exists, and its elements.
-    pub table: bool,
-    pub elements: Vec<String>,
+    /// Host nftables.
+    pub nft: Tables,
     /// Every call, by step name.
     pub calls: Vec<String>,
     /// The step that fails: every call of it, or with `fail_once` only the first (so a
@@ -99,6 +102,16 @@ impl Fake {
             return Err(errno(libc::EPERM));
         }
         Ok(())
+    }
+
+    fn nft_step(&mut self, name: &'static str) -> Result<(), NftError> {
+        self.step(name)
+            .map_err(|_| NftError::os(libc::EPERM, format!("fake {name}")))
+    }
+
+    /// Every element of the host's tables, as `nft list` reads them (`set { key : data }`).
+    pub fn elements(&self) -> Vec<String> {
+        self.nft.all_elements()
     }
 
     fn io_step(&mut self, name: &'static str) -> io::Result<()> {
@@ -315,35 +328,22 @@ impl Kernel for Fake {
         }
     }
 
-    fn nft(&mut self, script: &str) -> Result<(), NftError> {
-        self.calls.push("nft".into());
-        if self.fail_at == Some("nft") {
-            if self.fail_once {
-                self.fail_at = None;
-            }
-            return Err(NftError {
-                msg: "Operation not permitted".into(),
-            });
-        }
-        for line in script.lines() {
-            if line.starts_with("add table") || line.starts_with("table ip") {
-                self.table = true;
-            } else if line.starts_with("delete table") {
-                self.table = false;
-                self.elements.clear();
-            } else if let Some(rest) = line.strip_prefix("add element ") {
-                if !self.table {
-                    return Err(NftError {
-                        msg: "No such file or directory".into(),
-                    });
-                }
-                self.elements.push(rest.into());
-            } else if let Some(rest) = line.strip_prefix("delete element ") {
-                let key = rest.split(" }").next().unwrap_or("");
-                self.elements.retain(|e| !e.starts_with(key));
-            }
-        }
-        Ok(())
+    fn nft(&mut self, batch: &Batch) -> Result<(), NftError> {
+        self.nft_step("nft")?;
+        self.nft.apply(batch)
+    }
+
+    fn nft_rule_counts(
+        &mut self,
+        table: &TableRef,
+    ) -> Result<Option<BTreeMap<String, usize>>, NftError> {
+        self.nft_step("nft_rule_counts")?;
+        Ok(self.nft.rule_counts(table))
+    }
+
+    fn nft_elements(&mut self, table: &TableRef, set: &Set) -> Result<Vec<Element>, NftError> {
+        self.nft_step("nft_elements")?;
+        self.nft.elements(table, set)
     }
 
     fn flush_udp(&mut self, stale: super::conntrack::Stale<'_>) -> io::Result<()> {
@@ -571,17 +571,8 @@ impl Kernel for Fake {
         Ok(())
     }
 
-    fn nft_in(&mut self, netns: &File, script: &str) -> Result<(), NftError> {
-        self.calls.push("nft_in".into());
-        if self.fail_at == Some("nft_in") {
-            if self.fail_once {
-                self.fail_at = None;
-            }
-            return Err(NftError {
-                msg: "Operation not permitted".into(),
-            });
-        }
-        self.at(At::Netns(netns)).nft.push(script.to_string());
-        Ok(())
+    fn nft_in(&mut self, netns: &File, batch: &Batch) -> Result<(), NftError> {
+        self.nft_step("nft_in")?;
+        self.at(At::Netns(netns)).nft.apply(batch)
     }
 }

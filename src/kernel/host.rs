@@ -1,6 +1,7 @@
 //! [`HostKernel`]: the real [`Kernel`], over netlink sockets opened on first use and kept for
 //! the rest of the invocation (one in the host's netns, one in the container's).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -9,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use super::netlink::{Netlink, NlError};
-use super::nft::{Nft, NftError};
+use super::nft::{Batch, Element, Nft, NftError, Set, TableRef};
 use super::{Addr, At, Kernel, Link, LinkChange, Route, conntrack, netns, sysctl};
 use crate::types::MacAddr;
 
@@ -38,6 +39,16 @@ impl HostKernel {
             self.nl = Some(Netlink::open()?);
         }
         self.nl.as_mut().ok_or_else(enodev)
+    }
+
+    fn nft_socket(&mut self) -> Result<&mut Nft, NftError> {
+        if self.nft.is_none() {
+            self.nft = Some(Nft::open()?);
+        }
+        // Set just above.
+        self.nft
+            .as_mut()
+            .ok_or_else(|| NftError::os(libc::EBADF, "nftables socket"))
     }
 
     /// A socket acting in `at`: the host's, or one opened inside the netns (kept while the same
@@ -175,16 +186,19 @@ impl Kernel for HostKernel {
         self.nl()?.del_link(name)
     }
 
-    fn nft(&mut self, script: &str) -> Result<(), NftError> {
-        if self.nft.is_none() {
-            self.nft = Some(Nft::new().map_err(|e| NftError { msg: e.to_string() })?);
-        }
-        match self.nft.as_mut() {
-            Some(n) => n.run(script).map(|_| ()),
-            None => Err(NftError {
-                msg: "no nftables context".into(),
-            }),
-        }
+    fn nft(&mut self, batch: &Batch) -> Result<(), NftError> {
+        self.nft_socket()?.apply(batch)
+    }
+
+    fn nft_rule_counts(
+        &mut self,
+        table: &TableRef,
+    ) -> Result<Option<BTreeMap<String, usize>>, NftError> {
+        self.nft_socket()?.rule_counts(table)
+    }
+
+    fn nft_elements(&mut self, table: &TableRef, set: &Set) -> Result<Vec<Element>, NftError> {
+        self.nft_socket()?.elements(table, set)
     }
 
     fn flush_udp(&mut self, stale: conntrack::Stale<'_>) -> io::Result<()> {
@@ -291,16 +305,8 @@ impl Kernel for HostKernel {
         netns::unpin(path)
     }
 
-    fn nft_in(&mut self, netns: &File, script: &str) -> Result<(), NftError> {
-        let r = netns::with_netns(netns.as_fd(), || -> Result<(), NftError> {
-            let mut nft = Nft::new().map_err(|e| NftError { msg: e.to_string() })?;
-            nft.run(script).map(|_| ())
-        });
-        match r {
-            Ok(r) => r,
-            Err(e) => Err(NftError {
-                msg: format!("enter the task's netns: {e}"),
-            }),
-        }
+    fn nft_in(&mut self, netns: &File, batch: &Batch) -> Result<(), NftError> {
+        // The socket is bound to the task's netns when it is opened there.
+        Nft::open_in(netns.as_fd())?.apply(batch)
     }
 }

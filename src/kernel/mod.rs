@@ -19,6 +19,7 @@ pub mod probe;
 pub mod sockdiag;
 pub mod sysctl;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -27,6 +28,8 @@ use std::path::Path;
 pub use host::HostKernel;
 pub use netlink::NlError;
 pub use nft::NftError;
+
+use nft::{Batch, Element, Set, TableRef};
 
 use crate::types::MacAddr;
 
@@ -135,8 +138,15 @@ pub trait Kernel {
     fn loopback_up(&mut self, netns: &File) -> Result<(), NlError>;
     /// Deletes a host link; `Ok(false)` if it was gone.
     fn del_link(&mut self, name: &str) -> Result<bool, NlError>;
-    /// One nftables transaction in the host netns.
-    fn nft(&mut self, script: &str) -> Result<(), NftError>;
+    /// One nftables transaction in the host netns: all of `batch` applies, or none of it.
+    fn nft(&mut self, batch: &Batch) -> Result<(), NftError>;
+    /// Rules per chain of a host table (one dump); `None` when the table does not exist.
+    fn nft_rule_counts(
+        &mut self,
+        table: &TableRef,
+    ) -> Result<Option<BTreeMap<String, usize>>, NftError>;
+    /// Every element of `set` in a host table (one dump).
+    fn nft_elements(&mut self, table: &TableRef, set: &Set) -> Result<Vec<Element>, NftError>;
     /// Drops stale UDP conntrack entries (all of a setup's ports, or a container's) at once.
     fn flush_udp(&mut self, stale: conntrack::Stale<'_>) -> io::Result<()>;
 
@@ -196,5 +206,5 @@ pub trait Kernel {
     /// Releases a pin; a missing one is fine.
     fn unpin_netns(&mut self, path: &Path) -> io::Result<()>;
     /// One nftables transaction inside `netns` (the task's own firewall).
-    fn nft_in(&mut self, netns: &File, script: &str) -> Result<(), NftError>;
+    fn nft_in(&mut self, netns: &File, batch: &Batch) -> Result<(), NftError>;
 }

@@ -12,14 +12,15 @@ use anyhow::{Context, anyhow, bail};
 
 use crate::alloc::{self, PortPolicy, PortProbe};
 use crate::config::{Config, FALLBACK_DYNAMIC_RANGE};
-use crate::firewall::{self, Layout};
+use crate::firewall::{self, Health, Layout};
 use crate::kernel::conntrack::{HostPort, Stale};
+use crate::kernel::nft::Batch;
 use crate::kernel::{At, Kernel, sysctl};
 use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, task_firewall, with_rollback};
 use crate::request::NetworkRequest;
 use crate::state::{ContainerRecord, PortRecord, State};
 use crate::trace;
-use crate::types::{MacAddr, PortRange, Protocol};
+use crate::types::{MacAddr, NetworkMode, PortRange, Protocol};
 
 /// Name of the container's interface.
 pub const CONTAINER_IF: &str = "eth0";
@@ -165,9 +166,9 @@ enum Undo {
     DelLink(String),
     /// Dynamic ports this run added to `ip_local_reserved_ports`.
     Unreserve(Vec<u16>),
-    Nft(String),
+    Nft(Batch),
     /// The table was created by this run with nothing else in it.
-    DelTable,
+    DelTable(String),
 }
 
 /// Applies the plan `f` for the container of `c`; on error undoes what it did.
@@ -200,8 +201,8 @@ pub fn apply(
                     left.push("delete link", n, x);
                 }
             }
-            Undo::Nft(s) => {
-                if let Err(x) = k.nft(s) {
+            Undo::Nft(b) => {
+                if let Err(x) = k.nft(b) {
                     left.push("delete map elements", "", x);
                 }
             }
@@ -210,9 +211,9 @@ pub fn apply(
                     left.push("unreserve host ports", "", x);
                 }
             }
-            Undo::DelTable => {
-                if let Err(x) = k.nft(&firewall::delete_table_script()) {
-                    left.push("delete table", firewall::TABLE, x);
+            Undo::DelTable(t) => {
+                if let Err(x) = k.nft(&firewall::delete_table(t)) {
+                    left.push("delete table", t, x);
                 }
             }
         }
@@ -329,30 +330,39 @@ fn apply_steps(
     let _ = k.link(veth);
     trace::mark("port-forwarding");
 
-    if !ports.is_empty() {
-        let add = firewall::add_elements(ip, ports);
-        if let Err(first) = k.nft(&add) {
-            // Table missing (first use, or wiped by a firewall reload) or out of step with the
-            // ledger: rebuild it from the ledger plus this container, atomically.
-            let layout = Layout {
-                bridge: br,
-                subnet: cfg.subnet,
-            };
-            let records = state.records();
-            let empty = records.iter().all(|c| c.ports.is_empty());
-            let mut script = layout.rebuild_script(records.iter());
-            script += &add;
-            k.nft(&script)
-                .map_err(|e| anyhow!("{e}; before the rebuild: {first}"))
-                .context("program port mappings")?;
-            if empty {
-                undo.push(Undo::DelTable);
-            }
+    // The table (NAT for egress, DNAT maps): checked with one rule dump, rebuilt from the ledger
+    // when missing or damaged (a firewall reload, `nft flush table`), else only this
+    // container's elements are added.
+    let table = firewall::table_name(br);
+    let layout = Layout {
+        table: &table,
+        bridge: br,
+        subnet: cfg.subnet,
+    };
+    let health = match k.nft_rule_counts(&layout.table_ref()) {
+        Ok(counts) => layout.health(counts.as_ref())?,
+        Err(e) => Health::Damaged(e.to_string()),
+    };
+    let add = firewall::add_elements(&table, ip, ports);
+    let added = health == Health::Ok && k.nft(&add).is_ok();
+    if !added {
+        // Rare (first use, a firewall reload or flush): the whole ledger is read.
+        let records = state.records();
+        let others = records.iter().any(|c| c.bridge.as_deref() == Some(br));
+        let mut batch = layout.rebuild(records.iter())?;
+        batch.extend(add);
+        k.nft(&batch)
+            .map_err(|e| anyhow!("{e} (the table was {})", describe(&health)))
+            .context("program the firewall table")?;
+        if health == Health::Missing && !others {
+            undo.push(Undo::DelTable(table.clone()));
         }
-        crate::fault::point("bridge-nft");
-        trace::mark("nft");
-        let del = firewall::delete_elements(ports, &|p| still_mapped(state, "", p));
-        undo.push(Undo::Nft(del.concat()));
+    }
+    crate::fault::point("bridge-nft");
+    trace::mark("nft");
+    if !ports.is_empty() {
+        let del = firewall::delete_elements(&table, ports, &|p| still_mapped(state, "", p));
+        undo.push(Undo::Nft(firewall::concat(&del)));
         let dynamic = dynamic_ports(ports);
         if !dynamic.is_empty() {
             // Never the source port of an outgoing connection of the host while mapped.
@@ -369,10 +379,17 @@ fn apply_steps(
     Ok(())
 }
 
+fn describe(h: &Health) -> String {
+    match h {
+        Health::Ok => "whole".into(),
+        Health::Missing => "missing".into(),
+        Health::Damaged(why) => format!("damaged: {why}"),
+    }
+}
+
 /// `shim gc`'s part for the bridge: netshim's bridge repaired (up, with its gateway address)
-/// when it exists, and the firewall table replaced by the ledger's when there is one or any
-/// bridge container (atomic: stray elements a crash left go, missing chains and rules return).
-/// Returns what it did.
+/// when it exists, and the firewall made to match the ledger ([`repair_firewall`]). Returns
+/// what it did.
 pub fn reconcile(
     k: &mut dyn Kernel,
     cfg: &Config,
@@ -391,19 +408,53 @@ pub fn reconcile(
             out.push(format!("repaired bridge {br}: {}", fixed.join(", ")));
         }
     }
+    out.extend(repair_firewall(k, cfg, records).context("firewall")?);
+    Ok(out)
+}
+
+/// Makes the firewall table match the ledger: rebuilt atomically when missing (while bridge
+/// containers need it) or damaged (chains or rules missing, found with one rule dump);
+/// otherwise map and set elements no record knows (a crash between the kernel and the ledger)
+/// are deleted and those a record needs are added back. Returns what it fixed.
+pub fn repair_firewall(
+    k: &mut dyn Kernel,
+    cfg: &Config,
+    records: &[ContainerRecord],
+) -> anyhow::Result<Vec<String>> {
+    let table = firewall::table_name(&cfg.bridge_name);
+    let layout = Layout {
+        table: &table,
+        bridge: &cfg.bridge_name,
+        subnet: cfg.subnet,
+    };
+    let t = layout.table_ref();
     let bridged: Vec<&ContainerRecord> = records
         .iter()
-        .filter(|r| r.mode == crate::types::NetworkMode::Bridge)
+        .filter(|c| c.mode == NetworkMode::Bridge)
         .collect();
-    if !bridged.is_empty() {
-        let layout = Layout {
-            bridge: br,
-            subnet: cfg.subnet,
-        };
-        k.nft(&layout.rebuild_script(bridged.iter().copied()))
-            .context("rebuild the firewall table from the ledger")?;
+    let health = layout.health(k.nft_rule_counts(&t)?.as_ref())?;
+    match &health {
+        Health::Missing if bridged.is_empty() => return Ok(vec![]),
+        Health::Ok => {}
+        h => {
+            k.nft(&layout.rebuild(bridged.iter().copied())?)
+                .context("rebuild the firewall table from the ledger")?;
+            return Ok(vec![format!(
+                "rebuilt firewall table {t} ({})",
+                describe(h)
+            )]);
+        }
     }
-    Ok(out)
+    let mut listed = Vec::new();
+    for s in firewall::sets() {
+        let elems = k.nft_elements(&t, &s)?;
+        listed.push((s, elems));
+    }
+    let (batch, report) = firewall::reconcile(&table, &listed, bridged);
+    if !batch.is_empty() {
+        k.nft(&batch).context("fix firewall map elements")?;
+    }
+    Ok(report)
 }
 
 /// The UDP host ports among `ports`, for one conntrack flush.
@@ -435,14 +486,16 @@ pub fn teardown(
     errs: &mut ReleaseErrors,
 ) {
     if !rec.ports.is_empty() {
-        let dels = firewall::delete_elements(&rec.ports, &|p| still_mapped(state, &rec.id, p));
-        if k.nft(&dels.concat()).is_err() {
+        let table = firewall::table_name(rec.bridge.as_deref().unwrap_or(firewall::DEFAULT_BRIDGE));
+        let dels =
+            firewall::delete_elements(&table, &rec.ports, &|p| still_mapped(state, &rec.id, p));
+        if k.nft(&firewall::concat(&dels)).is_err() {
             // Some element or the table is already gone: delete one by one, ignoring absent ones.
             for d in &dels {
                 if let Err(e) = k.nft(d)
                     && !e.is_missing()
                 {
-                    errs.push("delete map element", d.trim(), e);
+                    errs.push("delete map element", &table, e);
                 }
             }
         }
@@ -540,7 +593,7 @@ mod tests {
         r.unwrap();
         let veth = p.veth.clone().unwrap();
         assert!(k.host_link(&veth).is_some());
-        assert_eq!(k.elements.len(), 4, "{:?}", k.elements);
+        assert_eq!(k.elements().len(), 4, "{:?}", k.elements());
         assert!(k.calls.contains(&"flush_udp".to_string()));
         let rec = record("a", &p);
         st.containers.insert("a".into(), rec.clone());
@@ -548,7 +601,7 @@ mod tests {
         teardown(&mut k, &st, &rec, &mut errs);
         assert!(errs.is_empty(), "{errs}");
         assert_eq!(k.host_link_names(), vec!["netshim0".to_string()]);
-        assert!(k.elements.is_empty(), "{:?}", k.elements);
+        assert!(k.elements().is_empty(), "{:?}", k.elements());
         // Idempotent: a second teardown finds nothing and reports nothing.
         teardown(&mut k, &st, &rec, &mut errs);
         assert!(errs.is_empty(), "{errs}");
@@ -615,9 +668,9 @@ mod tests {
                 k.host_link_names()
             );
             assert!(
-                k.elements.is_empty(),
+                k.elements().is_empty(),
                 "{step}: elements left: {:?}",
-                k.elements
+                k.elements()
             );
         }
     }
@@ -635,7 +688,7 @@ mod tests {
             k.host_link_names(),
             vec!["netshim0".to_string(), p.veth.clone().unwrap()]
         );
-        assert_eq!(k.elements.len(), 2);
+        assert_eq!(k.elements().len(), 2);
     }
 
     #[test]
@@ -645,16 +698,87 @@ mod tests {
         r.unwrap();
         st.containers.insert("a".into(), record("a", &p));
         // A firewall reload wipes the table.
-        k.table = false;
-        k.elements.clear();
+        k.nft.tables.clear();
         let (_, r) = setup(&mut k, &mut st, "b", r#"[{"containerPort":80}]"#);
         r.unwrap();
         assert_eq!(
-            k.elements.len(),
+            k.elements().len(),
             4,
             "a's mappings restored along with b's: {:?}",
-            k.elements
+            k.elements()
         );
+    }
+
+    fn host_table() -> crate::kernel::nft::TableRef {
+        firewall::host_table(firewall::TABLE)
+    }
+
+    #[test]
+    fn a_flushed_table_is_noticed_and_rebuilt_with_every_mapping() {
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let (p, r) = setup(&mut k, &mut st, "a", r#"[{"containerPort":80}]"#);
+        r.unwrap();
+        st.containers.insert("a".into(), record("a", &p));
+        let whole = k.nft.rule_counts(&host_table());
+        // `nft flush table ip netshim`: rules gone, maps and their elements kept.
+        k.nft.flush(&host_table());
+        let (_, r) = setup(&mut k, &mut st, "b", r#"[{"containerPort":80}]"#);
+        r.unwrap();
+        assert_eq!(k.nft.rule_counts(&host_table()), whole, "rules are back");
+        assert_eq!(k.elements().len(), 4, "{:?}", k.elements());
+    }
+
+    #[test]
+    fn a_container_without_ports_still_gets_the_table_for_egress() {
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let (_, r) = setup(&mut k, &mut st, "a", "[]");
+        r.unwrap();
+        let counts = k.nft.rule_counts(&host_table()).expect("table created");
+        assert_eq!(counts.get("postrouting"), Some(&3));
+        assert!(k.elements().is_empty());
+    }
+
+    #[test]
+    fn gc_repair_deletes_strays_and_rebuilds_a_damaged_table() {
+        let (cfg, mut st, mut k) = (cfg(), State::default(), Fake::new());
+        let (p, r) = setup(&mut k, &mut st, "a", r#"[{"containerPort":80}]"#);
+        r.unwrap();
+        // A setup killed after its transaction and before its record was stored.
+        let (_, r) = setup(
+            &mut k,
+            &mut st,
+            "b",
+            r#"[{"containerPort":81,"protocol":"udp"}]"#,
+        );
+        r.unwrap();
+        st.containers.insert("a".into(), record("a", &p));
+        assert_eq!(k.elements().len(), 4);
+        let fixed = repair_firewall(&mut k, &cfg, &st.records()).unwrap();
+        assert_eq!(fixed.len(), 2, "{fixed:?}");
+        assert!(fixed.iter().all(|f| f.starts_with("deleted stray element")));
+        assert_eq!(k.elements().len(), 2, "{:?}", k.elements());
+        assert!(
+            repair_firewall(&mut k, &cfg, &st.records())
+                .unwrap()
+                .is_empty()
+        );
+        // A flushed table is rebuilt, with the ledger's mappings.
+        k.nft.flush(&host_table());
+        let fixed = repair_firewall(&mut k, &cfg, &st.records()).unwrap();
+        assert!(
+            fixed[0].contains("rebuilt firewall table ip netshim (damaged"),
+            "{fixed:?}"
+        );
+        assert_eq!(k.elements().len(), 2);
+        assert!(
+            repair_firewall(&mut k, &cfg, &st.records())
+                .unwrap()
+                .is_empty()
+        );
+        // No table and no bridge container: nothing to create.
+        let mut empty = Fake::new();
+        assert!(repair_firewall(&mut empty, &cfg, &[]).unwrap().is_empty());
+        assert!(empty.nft.tables.is_empty());
     }
 
     #[test]

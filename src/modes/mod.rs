@@ -110,10 +110,10 @@ pub fn task_firewall(
     ingress: Option<&[IngressRule]>,
     allow_metadata: bool,
 ) -> anyhow::Result<()> {
-    let Some(script) = crate::firewall::task_script(ingress, allow_metadata) else {
+    let Some(batch) = crate::firewall::task_batch(ingress, allow_metadata)? else {
         return Ok(());
     };
-    k.nft_in(ns, &script).context("program the task's firewall")
+    k.nft_in(ns, &batch).context("program the task's firewall")
 }
 
 /// One thing a release could not undo.

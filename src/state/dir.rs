@@ -524,6 +524,31 @@ impl StateDir {
         Ok(())
     }
 
+    /// Removes the temp files of writes a kill interrupted (`.<name>.tmp` in the intent and
+    /// record directories): under the lock no write is under way, and an intent or record that
+    /// never got its name committed nothing. Returns what it removed.
+    pub fn sweep_temp(&self, _lock: &Lock) -> Result<Vec<PathBuf>, StateError> {
+        let mut gone = Vec::new();
+        for dir in [self.pending_dir(), self.records()] {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&dir, e)),
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') && name.ends_with(".tmp") {
+                    let p = e.path();
+                    if remove(&p).map_err(|x| io_err(&p, x))? {
+                        gone.push(p);
+                    }
+                }
+            }
+        }
+        Ok(gone)
+    }
+
     /// Intents of setups that did not finish (their writer died: only a lock holder writes
     /// them, and it finishes or abandons them before letting go).
     pub fn pending(&self) -> Result<Vec<ContainerRecord>, StateError> {
@@ -694,6 +719,25 @@ mod tests {
         fs::write(d.join("index.json"), br#"{"version":99}"#).unwrap();
         fs::remove_file(d.join("containers/x.json")).unwrap();
         assert!(sd.load().unwrap_err().to_string().contains("version 99"));
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn temp_files_of_interrupted_writes_are_swept_under_the_lock() {
+        let d = tmpdir("sweep");
+        let sd = StateDir::new(&d);
+        sd.ensure().unwrap();
+        for sub in ["pending", "containers"] {
+            fs::create_dir_all(d.join(sub)).unwrap();
+            fs::write(d.join(sub).join(".a.json.tmp"), b"{\"half").unwrap();
+        }
+        fs::write(d.join("containers/b.json"), b"{}").unwrap();
+        let lock = sd.lock().unwrap();
+        let gone = sd.sweep_temp(&lock).unwrap();
+        assert_eq!(gone.len(), 2, "{gone:?}");
+        assert!(!d.join("pending/.a.json.tmp").exists());
+        assert!(d.join("containers/b.json").exists(), "records are kept");
+        drop(lock);
         fs::remove_dir_all(&d).unwrap();
     }
 
