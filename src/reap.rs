@@ -8,6 +8,7 @@ use crate::modes::awsvpc::shared::VETH_PREFIX as SHARED_PREFIX;
 use crate::modes::bridge::{VETH_PREFIX, is_our_name};
 use crate::modes::{self, ReleaseErrors};
 use crate::state::{ContainerRecord, Lock, State, StateDir, StateError};
+use crate::types::NetworkMode;
 
 /// Whether the container's process still holds the netns recorded at setup.
 pub fn alive(rec: &ContainerRecord) -> bool {
@@ -38,14 +39,26 @@ pub fn reap_dead(
     let records = state.records();
     state.io_result()?;
     let mut out = Reaped::default();
+    // Their bridge veths go together once the records are forgotten (one kernel request); one
+    // left by a crash in between is a stray the next sweep deletes.
+    let mut veths = Vec::new();
     for rec in records.iter().filter(|r| !alive(r)) {
-        match modes::release(k, state, rec) {
+        let mut quick = rec.clone();
+        let veth = match rec.mode {
+            NetworkMode::Bridge => quick.veth.take(),
+            _ => None,
+        };
+        match modes::release(k, state, &quick) {
             Ok(()) => {
                 sd.forget(rec, state, lock)?;
                 out.released.push(rec.id.clone());
+                veths.extend(veth);
             }
             Err(e) => out.failed.push((rec.id.clone(), e)),
         }
+    }
+    for (name, e) in k.del_links(&veths) {
+        eprintln!("shim: note: delete veth {name}: {e} (`shim gc` retries)");
     }
     Ok(out)
 }

@@ -674,3 +674,117 @@ fn gc_says_when_a_host_process_binds_a_mapped_port() {
         "{said}"
     );
 }
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn poststop_deletes_the_veth_when_something_keeps_the_netns() {
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");
+    // The process dies, but the netns stays (its bind mount holds it, as a runtime's or a
+    // pause container's would): the kernel would never delete the pair, so poststop must.
+    if let Some(mut c) = rig.containers[a].child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    must_succeed(&rig.poststop(a), "poststop");
+    let left = rig.veths();
+    assert!(left.is_empty(), "veths left: {left:?}");
+    let inside = ip(&["-n", &rig.containers[a].ns, "-o", "link", "show"]);
+    assert!(
+        !inside.contains("eth0"),
+        "the container side is still there: {inside}"
+    );
+    assert!(rig.recorded().is_empty());
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn poststop_after_the_netns_died_leaves_no_veth_and_frees_the_name() {
+    let mut rig = Rig::new(CFG);
+    for round in 0..5 {
+        let a = rig.container();
+        must_succeed(&rig.setup(a, r#"[{"containerPort":80}]"#), "setup");
+        let id = rig.containers[a].id.clone();
+        let veth = ledger_record(&rig.state_dir(), &id).expect("recorded")["veth"]
+            .as_str()
+            .expect("a veth")
+            .to_string();
+        rig.containers[a].destroy();
+        must_succeed(&rig.poststop(a), "poststop");
+        // Nothing holds a's netns any more: the kernel deletes the pair with it.
+        assert!(
+            rig.link_gone_within(&veth, Duration::from_secs(5)),
+            "round {round}: {veth} left"
+        );
+        // The same id again at once: the veth name is the same, whatever the kernel's cleanup
+        // of the old netns has done by now.
+        let b = rig.container();
+        rig.containers[b].id = id;
+        must_succeed(&rig.setup(b, r#"[{"containerPort":80}]"#), "setup again");
+        tcp_server(&rig.containers[b].ns, 80, "again");
+        assert_eq!(
+            tcp_get(&rig.client, HOST_IP, rig.host_port(b, 80, "tcp"), PATIENT).as_deref(),
+            Ok("again"),
+            "round {round}"
+        );
+        rig.containers[b].destroy();
+        must_succeed(&rig.poststop(b), "poststop again");
+    }
+    // The test's own listening sockets still hold the b netns (as a process that joined a
+    // container's netns would): their veths stay until `shim gc` sweeps them as strays.
+    must_succeed(&rig.shim(&["gc"], ""), "gc");
+    let left = rig.veths();
+    assert!(left.is_empty(), "veths left: {left:?}");
+    assert_eq!(rig.nft_elements(), "");
+    assert!(rig.recorded().is_empty());
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn reset_force_and_gc_delete_many_veths_at_once_and_only_theirs() {
+    let mut rig = Rig::new(CFG);
+    let ids: Vec<usize> = (0..6).map(|_| rig.container()).collect();
+    for &i in &ids {
+        must_succeed(&rig.setup(i, r#"[{"containerPort":80}]"#), "setup");
+    }
+    // Three strays for gc, deleted in one request, and a veth of someone else's in a group of
+    // its own that neither gc nor reset touches.
+    for n in ["nsh0000aaa1", "nsh0000aaa2", "nsh0000aaa3"] {
+        ip(&[
+            "-n",
+            &rig.host,
+            "link",
+            "add",
+            n,
+            "master",
+            "netshim0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("p{n}"),
+        ]);
+    }
+    ip(&[
+        "-n", &rig.host, "link", "add", "othr0", "group", "7", "type", "veth", "peer", "name",
+        "othr1",
+    ]);
+    must_succeed(&rig.shim(&["gc"], ""), "gc");
+    assert_eq!(rig.veths().len(), ids.len(), "{:?}", rig.veths());
+    must_succeed(&rig.shim(&["reset", "--force"], ""), "reset --force");
+    let left = rig.veths();
+    assert!(left.is_empty(), "veths left: {left:?}");
+    for &i in &ids {
+        let inside = ip(&["-n", &rig.containers[i].ns, "-o", "link", "show"]);
+        assert!(!inside.contains("eth0"), "container side left: {inside}");
+    }
+    let other = ip(&["-n", &rig.host, "-o", "link", "show", "othr0"]);
+    assert!(
+        other.contains("group 7"),
+        "someone else's veth changed: {other}"
+    );
+    assert!(rig.recorded().is_empty());
+    let links = ip(&["-n", &rig.host, "-o", "link", "show"]);
+    assert!(!links.contains("netshim0"), "bridge left: {links}");
+}

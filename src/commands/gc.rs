@@ -60,10 +60,12 @@ pub fn gc(g: &Globals) -> anyhow::Result<()> {
     {
         println!("{change}");
     }
-    for name in reap::stray_links(&mut k, &cfg, &records)? {
-        match k.del_link(&name) {
-            Ok(_) => println!("deleted stray link {name}"),
-            Err(e) => failed.push(format!("stray link {name}: {e}")),
+    let strays = reap::stray_links(&mut k, &cfg, &records)?;
+    let undeleted = k.del_links(&strays);
+    for name in &strays {
+        match undeleted.iter().find(|(n, _)| n == name) {
+            Some((_, e)) => failed.push(format!("stray link {name}: {e}")),
+            None => println!("deleted stray link {name}"),
         }
     }
     match modes::bridge::reconcile(&mut k, &cfg, &records) {
@@ -116,11 +118,21 @@ pub fn reset(g: &Globals, force: bool) -> anyhow::Result<()> {
         );
     }
     let mut failed = Vec::new();
+    // Bridge veths go together at the end, in one kernel request (one wait for RCU grace
+    // periods instead of one per container); a crash before that leaves strays `shim gc` sweeps.
+    let mut veths = Vec::new();
     for rec in &records {
-        if let Err(e) = modes::release(&mut k, &state, rec) {
+        let mut quick = rec.clone();
+        if rec.mode == NetworkMode::Bridge {
+            veths.extend(quick.veth.take());
+        }
+        if let Err(e) = modes::release(&mut k, &state, &quick) {
             failed.push(format!("{}: {e}", crate::output::escape_controls(&rec.id)));
         }
         sd.forget(rec, &mut state, &lock)?;
+    }
+    for (name, e) in k.del_links(&veths) {
+        failed.push(format!("delete veth {name}: {e}"));
     }
     let table = firewall::table_name(&cfg.bridge_name);
     if let Err(e) = k.nft(&firewall::delete_table(&table))

@@ -297,6 +297,35 @@ fn plan_and_apply(
     }
 }
 
+/// Deletes a container's host veth, unless the kernel is about to: a runtime runs poststop
+/// after the container's processes died, and when nothing else holds its netns the kernel
+/// destroys the netns and the veth pair with it, a few milliseconds later. Meanwhile that
+/// destruction holds the kernel's rtnl lock and waits for RCU grace periods; any link request
+/// from here (a deletion, even setting it down) would wait 10 to 20 ms behind it. So a
+/// container whose process is gone and whose netns no bind mount pins is left to the kernel
+/// without a single link request. Should some other process hold that netns after all, its
+/// veth is a stray `shim gc` deletes (as after a crash between the ledger commit and the
+/// deletion), the next setup of that name replaces it, and its address is not handed out again
+/// before the subnet's other addresses (next-fit). A netns pinned by a bind mount (podman,
+/// CRI-O, `ip netns`) or a container still alive gets its veth deleted here.
+fn delete_veth(
+    k: &mut dyn Kernel,
+    rec: &ContainerRecord,
+    name: &str,
+) -> Result<(), crate::kernel::NlError> {
+    let released = !reap::alive(rec)
+        && rec
+            .netns_inode
+            .is_some_and(|ino| !netns::held_by_mount(ino));
+    if released {
+        trace::mark("veth-goes-with-netns");
+        return Ok(());
+    }
+    k.del_link(name)?;
+    trace::mark("veth");
+    Ok(())
+}
+
 /// Poststop: from the state alone; idempotent; unknown ids are no-ops.
 pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
     let sd = g.state()?;
@@ -333,8 +362,9 @@ pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
     sd.forget(&rec, &mut state, &lock)?;
     fault::point("teardown-forgotten");
     drop(lock);
+    trace::mark("ledger");
     if let Some(v) = veth {
-        k.del_link(&v).with_context(|| {
+        delete_veth(&mut k, &rec, &v).with_context(|| {
             format!("teardown of container {id}: delete veth {v} (`shim gc` deletes it later)")
         })?;
     }

@@ -9,7 +9,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use super::netlink::{Netlink, NlError};
+use super::netlink::{self, Netlink, NlError};
 use super::nft::{Batch, Element, Nft, NftError, Set, TableRef};
 use super::{Addr, At, Kernel, Link, LinkChange, Route, conntrack, netns, sysctl};
 use crate::types::MacAddr;
@@ -24,6 +24,10 @@ pub struct HostKernel {
     home: Option<File>,
     ct: conntrack::Conntrack,
 }
+
+/// High bits of the link group a batch deletion puts its links in (the low 16 bits are the
+/// process id's): "ns" in ASCII, far from the small numbers administrators give groups.
+const DOOMED_GROUP_BASE: u32 = 0x6e73_0000;
 
 fn enodev() -> NlError {
     NlError::Io(io::Error::from_raw_os_error(libc::ENODEV))
@@ -184,6 +188,47 @@ impl Kernel for HostKernel {
 
     fn del_link(&mut self, name: &str) -> Result<bool, NlError> {
         self.nl()?.del_link(name)
+    }
+
+    fn del_links(&mut self, names: &[String]) -> Vec<(String, NlError)> {
+        let one_by_one = |k: &mut Self, names: &[String]| {
+            names
+                .iter()
+                .filter_map(|n| k.del_link(n).err().map(|e| (n.clone(), e)))
+                .collect()
+        };
+        if names.len() < 2 {
+            return one_by_one(self, names);
+        }
+        // The links join a group of their own, then one request deletes the group. Only when no
+        // other link already carries that group number.
+        let group = DOOMED_GROUP_BASE | (std::process::id() & 0xffff);
+        let foreign = match self.nl().and_then(|nl| nl.links()) {
+            Ok(ls) => ls
+                .iter()
+                .map(netlink::link_of)
+                .any(|l| l.group == group && !names.contains(&l.name)),
+            Err(_) => true,
+        };
+        if foreign {
+            return one_by_one(self, names);
+        }
+        let Ok(nl) = self.nl() else {
+            return one_by_one(self, names);
+        };
+        let mut failed = Vec::new();
+        let mut grouped = Vec::new();
+        for n in names {
+            match nl.set_group(n, group) {
+                Ok(true) => grouped.push(n.clone()),
+                Ok(false) => {}
+                Err(e) => failed.push((n.clone(), e)),
+            }
+        }
+        if nl.del_group(group).is_err() {
+            failed.extend(one_by_one(self, &grouped));
+        }
+        failed
     }
 
     fn nft(&mut self, batch: &Batch) -> Result<(), NftError> {

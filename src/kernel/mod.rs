@@ -58,6 +58,8 @@ pub struct Link {
     pub loopback: bool,
     pub mtu: Option<u32>,
     pub alias: Option<String>,
+    /// `IFLA_GROUP` (0 unless set).
+    pub group: u32,
 }
 
 /// A change to a link's state; `None` fields are left as they are.
@@ -138,6 +140,15 @@ pub trait Kernel {
     fn loopback_up(&mut self, netns: &File) -> Result<(), NlError>;
     /// Deletes a host link; `Ok(false)` if it was gone.
     fn del_link(&mut self, name: &str) -> Result<bool, NlError>;
+    /// Deletes many host links (absent ones are fine); returns those that failed, with why.
+    /// The host kernel does it in one request, so the RCU grace periods a deletion waits for
+    /// are paid once for all of them.
+    fn del_links(&mut self, names: &[String]) -> Vec<(String, NlError)> {
+        names
+            .iter()
+            .filter_map(|n| self.del_link(n).err().map(|e| (n.clone(), e)))
+            .collect()
+    }
     /// One nftables transaction in the host netns: all of `batch` applies, or none of it.
     fn nft(&mut self, batch: &Batch) -> Result<(), NftError>;
     /// Rules per chain of a host table (one dump); `None` when the table does not exist.

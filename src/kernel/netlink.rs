@@ -484,6 +484,30 @@ impl Netlink {
         }
     }
 
+    /// Puts the link `name` into group `group`; false if it is absent.
+    pub fn set_group(&mut self, name: &str, group: u32) -> NlResult<bool> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        m.attributes.push(LinkAttribute::Group(group));
+        match self.request(RouteNetlinkMessage::SetLink(m), 0) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is(libc::ENODEV) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes every link of group `group` in this netns in one request: the kernel unregisters
+    /// them together and waits for one set of RCU grace periods instead of one per link.
+    pub fn del_group(&mut self, group: u32) -> NlResult<()> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::Group(group));
+        match self.request(RouteNetlinkMessage::DelLink(m), 0) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is(libc::ENODEV) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Brings a link up by name.
     pub fn set_up(&mut self, name: &str) -> NlResult<()> {
         let mut m = LinkMessage::default();
@@ -684,6 +708,7 @@ pub fn link_of(l: &LinkMessage) -> Link {
             LinkAttribute::Link(i) => out.lower = Some(*i),
             LinkAttribute::Mtu(m) => out.mtu = Some(*m),
             LinkAttribute::IfAlias(s) => out.alias = Some(s.clone()),
+            LinkAttribute::Group(g) => out.group = *g,
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     match i {

@@ -23,6 +23,16 @@ pub fn is_nsfs(f: &File) -> bool {
     fstatfs(f).is_ok_and(|st| st.filesystem_type() == NSFS_MAGIC)
 }
 
+/// Whether a bind mount in this mount namespace holds the network namespace with inode `ino`
+/// (as `ip netns add`, podman and CRI-O pin one). Unreadable mountinfo counts as held.
+pub fn held_by_mount(ino: u64) -> bool {
+    let needle = format!("net:[{ino}]");
+    std::fs::read_to_string("/proc/self/mountinfo").map_or(true, |m| {
+        m.lines()
+            .any(|l| l.split(' ').nth(3).is_some_and(|root| root == needle))
+    })
+}
+
 /// Inode of this process's own network namespace.
 pub fn self_inode() -> io::Result<u64> {
     Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())

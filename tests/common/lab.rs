@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{HostPair, SHIM, in_ns, ip, is_root};
+use super::{HostPair, SHIM, in_ns, is_root};
 
 /// Where the shipped hook files point; tests replace it with the binary under test.
 pub const INSTALLED_SHIM: &str = "/usr/local/bin/shim";
@@ -452,16 +452,6 @@ impl World {
         v.as_array()
             .unwrap_or_else(|| panic!("ports list --json is not an array: {out}"))
             .clone()
-    }
-
-    /// Links in H whose name starts with `prefix`.
-    pub fn links(&self, prefix: &str) -> Vec<String> {
-        ip(&["-n", &self.host, "-o", "link", "show"])
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-            .filter(|n| n.starts_with(prefix))
-            .collect()
     }
 
     /// Elements of an nft map or set of `ip netshim` in H; empty if the table is gone.

@@ -236,6 +236,61 @@ impl HostPair {
         fs::write(self.config_path(), text).expect("write config");
     }
     /// The ids of netshim's committed records (empty if there are none).
+    /// Links in H whose name starts with `prefix`. One that no record knows and
+    /// whose peer is in another netns belongs to a container whose netns the kernel is
+    /// destroying (poststop leaves such a veth to the kernel): it is waited for, up to 5 s, and
+    /// listed if it is still there then.
+    pub fn links(&self, prefix: &str) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let links = self.prefixed_links(prefix);
+            let recorded: Vec<String> = ledger_ids(&self.state_dir())
+                .iter()
+                .filter_map(|id| ledger_record(&self.state_dir(), id))
+                .filter_map(|r| r["veth"].as_str().map(str::to_string))
+                .collect();
+            let going = links
+                .iter()
+                .any(|(n, peer_elsewhere)| *peer_elsewhere && !recorded.contains(n));
+            if !going || Instant::now() > deadline {
+                return links.into_iter().map(|(n, _)| n).collect();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether link `name` in H is gone, or goes within `patience`.
+    pub fn link_gone_within(&self, name: &str, patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
+        loop {
+            if !self.prefixed_links(name).iter().any(|(n, _)| n == name) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Links in H named `prefix…`, each with whether its peer is in another netns.
+    fn prefixed_links(&self, prefix: &str) -> Vec<(String, bool)> {
+        let out = must_output(
+            Command::new("/usr/sbin/ip").args(["-n", &self.host, "-j", "link", "show"]),
+        );
+        let links: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).expect("ip -j link show prints JSON");
+        links
+            .iter()
+            .filter_map(|l| {
+                let name = l["ifname"].as_str()?;
+                let elsewhere = l.get("link_netnsid").is_some();
+                name.starts_with(prefix)
+                    .then(|| (name.to_string(), elsewhere))
+            })
+            .collect()
+    }
+
     pub fn recorded(&self) -> Vec<String> {
         ledger_ids(&self.state_dir())
     }
@@ -422,17 +477,9 @@ impl Rig {
             as u16
     }
 
-    /// Links named like the shim's veths in the host namespace.
+    /// Links named like the shim's veths in the host namespace (see [`HostPair::links`]).
     pub fn veths(&self) -> Vec<String> {
-        let out = must_output(
-            Command::new("/usr/sbin/ip").args(["-n", &self.host, "-o", "link", "show"]),
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap_or(n).to_string())
-            .filter(|n| n.starts_with("nsh"))
-            .collect()
+        self.pair.links("nsh")
     }
 
     /// Elements of the shim's `ports` map in the host namespace ("" if the table is absent).
