@@ -5,7 +5,9 @@
 //! Everything here reads the ledger through [`crate::state::StateDir`]; nothing in the hook's
 //! path calls into this module.
 
+pub mod cluster;
 pub mod conns;
+pub mod etcd;
 pub mod export;
 pub mod filesd;
 pub mod haproxy;
