@@ -58,21 +58,29 @@ impl Deref for Host {
 }
 
 impl Host {
-    /// A host named `id`; `extra` goes into its config's `[lb]` section.
-    fn new(id: &str, extra: &str) -> Host {
+    /// A host named `id`, its lease TTL [`TTL`].
+    fn new(id: &str) -> Host {
         let world = World::new(&FLAVOUR, "runc");
-        let range = format!("{}-{}", DYNAMIC_RANGE.0, DYNAMIC_RANGE.1);
-        world.set_config(&format!(
-            "[ports]\ndynamic_range = \"{range}\"\n\n[lb]\nlease_seconds = {TTL}\ninstance_id = \"i-{id}\"\n{extra}"
-        ));
         let hooks = hooks_from_spec_fragment(RUNC_HOOKS, &world.state_dir(), &world.config_path());
         fs::create_dir_all(world.dir.join("runc")).expect("runc root");
-        Host {
+        let h = Host {
             world,
             id: id.to_string(),
             hooks,
             containers: RefCell::new(Vec::new()),
-        }
+        };
+        h.configure(TTL, "");
+        h
+    }
+
+    /// The config: the test's dynamic range and `ports` (more `[ports]` keys), `[lb]` with
+    /// lease TTL `ttl` (a registrar reads it when it starts).
+    fn configure(&self, ttl: u64, ports: &str) {
+        let range = format!("{}-{}", DYNAMIC_RANGE.0, DYNAMIC_RANGE.1);
+        self.set_config(&format!(
+            "[ports]\ndynamic_range = \"{range}\"\n{ports}\n[lb]\nlease_seconds = {ttl}\ninstance_id = \"i-{}\"\n",
+            self.id
+        ));
     }
 
     fn runc(&self) -> Command {
@@ -213,7 +221,7 @@ fn set(items: &[&String]) -> BTreeSet<String> {
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn the_registrar_publishes_this_hosts_targets_on_one_lease_and_follows_the_ledger() {
-    let a = Host::new("host-a", "");
+    let a = Host::new("host-a");
     let etcd = Etcd::start(&a.host, &a.dir);
     let first = a.start("web1", "web");
     let file_sd = a.dir.join("sd.json");
@@ -316,7 +324,9 @@ fn the_registrar_publishes_this_hosts_targets_on_one_lease_and_follows_the_ledge
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_restart_after_kill_9_revokes_the_old_lease_without_duplicates_and_a_dead_hosts_keys_expire() {
-    let a = Host::new("host-a", "");
+    let a = Host::new("host-a");
+    // A long lease first: the old one must be revoked, not merely expire.
+    a.configure(10, "");
     let etcd = Etcd::start(&a.host, &a.dir);
     let ids: Vec<String> = (1..=3)
         .map(|i| a.start(&format!("web{i}"), "web"))
@@ -334,10 +344,12 @@ fn a_restart_after_kill_9_revokes_the_old_lease_without_duplicates_and_a_dead_ho
 
     // Killed; a container stops meanwhile (its key stays, on the old lease, for now).
     reg.kill9();
+    let killed = Instant::now();
     a.stop(&ids[0]);
     let _reg2 = a.publisher(&a.host, &etcd, &[], "registrar2.log");
     let rest: BTreeSet<String> = keys[1..].iter().cloned().collect();
-    let took = etcd.until(Duration::from_secs(5), |e| {
+    // Well before the old lease could expire (it had at least 2/3 of 10 s left).
+    let took = etcd.until(Duration::from_secs(4), |e| {
         target_keys(e, "host-a") == rest && e.lease_ttl(old).is_none()
     });
     assert!(
@@ -345,6 +357,11 @@ fn a_restart_after_kill_9_revokes_the_old_lease_without_duplicates_and_a_dead_ho
         "after the restart: {:?}, old lease {old}: {:?}",
         host_keys(&etcd, "host-a"),
         etcd.lease_ttl(old)
+    );
+    assert!(
+        killed.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        killed.elapsed()
     );
     eprintln!("restart → republished and old lease revoked in {took:?}");
     let new = one_lease(&etcd, "host-a");
@@ -355,6 +372,7 @@ fn a_restart_after_kill_9_revokes_the_old_lease_without_duplicates_and_a_dead_ho
     drop(_reg2);
 
     // A dead host: a registrar SIGKILLed and not restarted loses its keys within the TTL.
+    a.configure(TTL, "");
     let mut reg3 = a.publisher(&a.host, &etcd, &[], "registrar3.log");
     assert!(
         etcd.until(Duration::from_secs(5), |e| {
@@ -384,7 +402,7 @@ fn a_restart_after_kill_9_revokes_the_old_lease_without_duplicates_and_a_dead_ho
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn with_etcd_down_local_sinks_follow_the_ledger_and_etcd_is_republished_when_back() {
-    let a = Host::new("host-a", "");
+    let a = Host::new("host-a");
     let mut etcd = Etcd::start(&a.host, &a.dir);
     let first = a.start("web1", "web");
     let file_sd = a.dir.join("sd.json");
@@ -533,8 +551,8 @@ fn wait_slots(h: &Haproxy, want: &[(String, &str)], limit: Duration) -> bool {
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn a_from_etcd_haproxy_routes_two_hosts_follows_drain_and_drops_a_dead_host_but_not_for_an_etcd_outage()
  {
-    let a = Host::new("host-a", "");
-    let b = Host::new("host-b", "");
+    let a = Host::new("host-a");
+    let b = Host::new("host-b");
     // The A–B link: H_B's address on it is host b's target address.
     let third = b.host_ip.octets()[2];
     let (la, lb) = (format!("{}p", b.prefix), format!("{}q", b.prefix));
@@ -562,10 +580,7 @@ fn a_from_etcd_haproxy_routes_two_hosts_follows_drain_and_drops_a_dead_host_but_
         &lb,
     ]);
     common::ip(&["-n", &b.host, "link", "set", &lb, "up"]);
-    let range = format!("{}-{}", DYNAMIC_RANGE.0, DYNAMIC_RANGE.1);
-    b.set_config(&format!(
-        "[ports]\nhost_address = \"{ipb}\"\ndynamic_range = \"{range}\"\n\n[lb]\nlease_seconds = {TTL}\ninstance_id = \"i-host-b\"\n"
-    ));
+    b.configure(TTL, &format!("host_address = \"{ipb}\"\n"));
 
     let mut etcd = Etcd::start(&a.host, &a.dir);
     let hdir = a.dir.join("haproxy");
@@ -573,9 +588,12 @@ fn a_from_etcd_haproxy_routes_two_hosts_follows_drain_and_drops_a_dead_host_but_
     let h = Haproxy::start(&a.host, &hdir, &cfg);
     let sock = h.sock.display().to_string();
     let url = etcd.url();
+    // Two members named, the first one down: calls move on to the one that answers.
+    let dead = common::lb::free_port(&a.host);
+    let both = format!("http://127.0.0.1:{dead},{url}");
     let lb = a.registrar_in(
         &a.host,
-        &["--from-etcd", &url, "--haproxy", &sock],
+        &["--from-etcd", &both, "--haproxy", &sock],
         "lb.log",
     );
     let _pa = a.publisher(&a.host, &etcd, &[], "registrar-a.log");

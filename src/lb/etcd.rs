@@ -6,6 +6,8 @@
 //! revision it reached.
 
 use std::io::{BufRead, BufReader, Read};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -72,9 +74,13 @@ pub enum Op {
     Delete(String),
 }
 
-/// An etcd endpoint (`http://host:port`).
+/// An etcd cluster's client URLs (`http://host:port`, one or several): a call goes to the
+/// member that answered last and moves on to the next when one is unreachable.
 #[derive(Clone)]
 pub struct Client {
+    members: Vec<String>,
+    current: Arc<AtomicUsize>,
+    /// All the members, comma-separated, for messages.
     base: String,
     agent: ureq::Agent,
 }
@@ -138,17 +144,27 @@ fn agent(total: Option<Duration>) -> ureq::Agent {
 }
 
 impl Client {
-    /// `url` is `http://host:port` (no TLS: a loopback member, or a private network).
-    pub fn new(url: &str) -> anyhow::Result<Client> {
-        let u = url.trim_end_matches('/');
-        let Some(rest) = u.strip_prefix("http://") else {
-            anyhow::bail!("etcd URL {url:?}: use http://HOST:PORT (e.g. http://127.0.0.1:2379)");
-        };
-        if rest.is_empty() || rest.contains('/') || !rest.contains(':') {
-            anyhow::bail!("etcd URL {url:?}: use http://HOST:PORT (e.g. http://127.0.0.1:2379)");
+    /// `urls` is `http://host:port`, or several of them comma-separated (the members of one
+    /// cluster). No TLS: a loopback member or proxy, or a private network.
+    pub fn new(urls: &str) -> anyhow::Result<Client> {
+        let mut members = Vec::new();
+        for url in urls.split(',') {
+            let u = url.trim().trim_end_matches('/');
+            let rest = u.strip_prefix("http://").unwrap_or("");
+            if rest.is_empty() || rest.contains('/') || !rest.contains(':') {
+                anyhow::bail!(
+                    "etcd URL {url:?}: use http://HOST:PORT (e.g. http://127.0.0.1:2379), several comma-separated"
+                );
+            }
+            members.push(u.to_string());
+        }
+        if members.len() > 16 {
+            anyhow::bail!("etcd URLs: {} members named, at most 16", members.len());
         }
         Ok(Client {
-            base: u.to_string(),
+            base: members.join(","),
+            members,
+            current: Arc::new(AtomicUsize::new(0)),
             agent: agent(Some(CALL)),
         })
     }
@@ -161,25 +177,48 @@ impl Client {
         EtcdError::Unreachable(self.base.clone(), e.to_string())
     }
 
-    /// One POST; the answer's JSON.
+    /// The member calls go to now.
+    fn member(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed) % self.members.len();
+        &self.members[i]
+    }
+
+    /// One POST to the current member, then to each other one while they are unreachable;
+    /// the answer's JSON.
     fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        let url = format!("{}{path}", self.base);
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..self.members.len() {
+            let i = (start + k) % self.members.len();
+            match self.post_to(&self.members[i], path, body) {
+                Err(e @ EtcdError::Unreachable(..)) => last = Some(e),
+                r => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return r;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| self.unreachable("no member")))
+    }
+
+    fn post_to(&self, member: &str, path: &str, body: &Value) -> Result<Value> {
+        let url = format!("{member}{path}");
         let mut resp = self
             .agent
             .post(&url)
             .header("Content-Type", "application/json")
             .send(body.to_string())
-            .map_err(|e| self.unreachable(e))?;
+            .map_err(|e| unreachable_at(member, e))?;
         let status = resp.status().as_u16();
         let text = resp
             .body_mut()
             .with_config()
             .limit(MAX_ANSWER)
             .read_to_string()
-            .map_err(|e| self.unreachable(format!("reading the answer to {path}: {e}")))?;
+            .map_err(|e| unreachable_at(member, format!("reading the answer to {path}: {e}")))?;
         let v: Value = serde_json::from_str(&text).map_err(|_| {
             EtcdError::Answer(
-                self.base.clone(),
+                member.to_string(),
                 format!("{path}: HTTP {status}, not etcd's JSON: {}", excerpt(&text)),
             )
         })?;
@@ -190,16 +229,16 @@ impl Client {
             }
             // 14 (unavailable) and 4 (deadline exceeded): the member has no leader yet.
             if matches!(v["code"].as_i64(), Some(14 | 4)) {
-                return Err(self.unreachable(format!("{path}: {msg}")));
+                return Err(unreachable_at(member, format!("{path}: {msg}")));
             }
             return Err(EtcdError::Answer(
-                self.base.clone(),
+                member.to_string(),
                 format!("{path}: {msg}"),
             ));
         }
         if status != 200 {
             return Err(EtcdError::Answer(
-                self.base.clone(),
+                member.to_string(),
                 format!("{path}: HTTP {status}: {}", excerpt(&text)),
             ));
         }
@@ -313,7 +352,7 @@ impl Client {
     /// Opens a watch on every key under `prefix` from revision `from` (inclusive). The stream
     /// ends by itself after [`WATCH_SPAN`].
     pub fn watch(&self, prefix: &str, from: i64) -> Result<Watch> {
-        let url = format!("{}/v3/watch", self.base);
+        let url = format!("{}/v3/watch", self.member());
         let body = json!({ "create_request": {
             "key": b64(prefix.as_bytes()),
             "range_end": b64(&prefix_end(prefix)),
@@ -332,16 +371,16 @@ impl Client {
             .post(&url)
             .header("Content-Type", "application/json")
             .send(body.to_string())
-            .map_err(|e| self.unreachable(e))?;
+            .map_err(|e| unreachable_at(self.member(), e))?;
         if resp.status().as_u16() != 200 {
             return Err(EtcdError::Answer(
-                self.base.clone(),
+                self.member().to_string(),
                 format!("/v3/watch: HTTP {}", resp.status().as_u16()),
             ));
         }
         let reader: Box<dyn Read + Send> = Box::new(resp.into_body().into_reader());
         Ok(Watch {
-            base: self.base.clone(),
+            base: self.member().to_string(),
             lines: BufReader::new(reader),
             created: false,
         })
@@ -425,6 +464,10 @@ impl Watch {
     }
 }
 
+fn unreachable_at(member: &str, e: impl std::fmt::Display) -> EtcdError {
+    EtcdError::Unreachable(member.to_string(), e.to_string())
+}
+
 /// A short, one-line excerpt of an answer for an error message.
 fn excerpt(s: &str) -> String {
     let one: String = s.chars().take(160).collect();
@@ -446,12 +489,19 @@ mod tests {
     fn urls_must_be_plain_http_host_and_port() {
         assert!(Client::new("http://127.0.0.1:2379").is_ok());
         assert!(Client::new("http://127.0.0.1:2379/").is_ok());
+        let c = Client::new("http://10.0.0.1:2379, http://10.0.0.2:2379,http://10.0.0.3:2379");
+        assert_eq!(
+            c.map(|c| c.members.len()).ok(),
+            Some(3),
+            "three members, spaces allowed"
+        );
         for bad in [
             "127.0.0.1:2379",
             "https://x:1",
             "http://x",
             "http://x:1/v3",
             "",
+            "http://a:1,",
         ] {
             let e = Client::new(bad)
                 .err()
