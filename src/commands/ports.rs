@@ -267,10 +267,10 @@ fn table_with_hosts(rows: &[PortEntry], hosts: Option<&[&str]>) -> String {
         ]);
     }
     if let Some(h) = hosts {
-        let w = h.iter().map(|s| s.len()).max().unwrap_or(0).max(4);
+        let w = h.iter().map(|s| s.len()).max().unwrap_or(0).max(7);
         for (i, c) in cells.iter_mut().enumerate() {
             let name = if i == 0 {
-                "HOST"
+                "HOST ID"
             } else {
                 h.get(i - 1).copied().unwrap_or("-")
             };
@@ -363,6 +363,16 @@ mod tests {
             "aaa"
         );
         assert!(entries(&st, Ipv4Addr::LOCALHOST, None, Some("nope")).is_empty());
+    }
+
+    #[test]
+    fn the_cluster_table_names_each_rows_host_first() {
+        let rows = entries(&state(), Ipv4Addr::LOCALHOST, None, None);
+        let t = table_with_hosts(&rows, Some(&["host-a", "b"]));
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("HOST ID  CONTAINER"), "{t}");
+        assert!(lines[1].starts_with("host-a   aaa"), "{t}");
+        assert!(lines[2].starts_with("b        bbb"), "{t}");
     }
 
     #[test]

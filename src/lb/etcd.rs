@@ -380,9 +380,9 @@ impl Client {
         }
         let reader: Box<dyn Read + Send> = Box::new(resp.into_body().into_reader());
         Ok(Watch {
+            opened: std::time::Instant::now(),
             base: self.member().to_string(),
             lines: BufReader::new(reader),
-            created: false,
         })
     }
 }
@@ -390,8 +390,8 @@ impl Client {
 /// An open watch stream.
 pub struct Watch {
     base: String,
+    opened: std::time::Instant,
     lines: BufReader<Box<dyn Read + Send>>,
-    created: bool,
 }
 
 impl Watch {
@@ -400,10 +400,22 @@ impl Watch {
     pub fn next(&mut self) -> Result<Option<(i64, Vec<Event>)>> {
         loop {
             let mut line = Vec::new();
-            let n = (&mut self.lines)
+            let n = match (&mut self.lines)
                 .take(MAX_LINE)
                 .read_until(b'\n', &mut line)
-                .map_err(|e| EtcdError::Unreachable(self.base.clone(), format!("watch: {e}")))?;
+            {
+                Ok(n) => n,
+                // The stream's span is over (ureq's body timeout): the caller watches on.
+                Err(_) if self.opened.elapsed() + Duration::from_secs(1) >= WATCH_SPAN => {
+                    return Ok(None);
+                }
+                Err(e) => {
+                    return Err(EtcdError::Unreachable(
+                        self.base.clone(),
+                        format!("watch: {e}"),
+                    ));
+                }
+            };
             if n == 0 {
                 return Ok(None);
             }
@@ -439,9 +451,6 @@ impl Watch {
                     self.base.clone(),
                     format!("watch canceled: {}", excerpt(&r.to_string())),
                 ));
-            }
-            if r["created"].as_bool() == Some(true) {
-                self.created = true;
             }
             let rev = int(&r["header"]["revision"]);
             let events: Vec<Event> = r["events"]

@@ -1,6 +1,7 @@
-//! The registrar loop: keeps every sink equal to the ledger.
+//! The registrar loop: keeps every sink equal to its source, this host's ledger ([`Ledger`])
+//! or the cluster view in etcd (`cluster::ClusterFeed`, `--from-etcd`).
 //!
-//! Each pass reads the ledger (`StateDir::load`, lock-free), turns it into targets, checks new
+//! Each pass reads the source (the ledger: `StateDir::load`, lock-free), turns it into targets, checks new
 //! serving targets with a TCP connect, and asks every sink to make itself equal to that (each
 //! sink compares with what it reports itself: HAProxy's `show servers state`, the files on
 //! disk). A pass runs when the state dir changes (inotify on the dir and every subdirectory
