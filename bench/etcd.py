@@ -434,7 +434,7 @@ def main():
                 into.setdefault(k, []).extend(v)
         puts = etcd.put_times(50)
         rs = resync(w, etcd, args.resync)
-        rearms = [rearm(etcd, TTL, 6, 12), rearm(etcd, 3, 1, 1), rearm(etcd, 3, 2, 5)]
+        rearms = [rearm(etcd, TTL, 6, 12), rearm(etcd, 3, 1, 1), rearm(etcd, 3, 1, 5)]
         text = report(args, base, clus, pub_txns, puts, rs, rearms, time.time() - t0)
         print(text)
         if args.out:
