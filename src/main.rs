@@ -59,7 +59,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PortsCmd,
     },
-    /// Keep HAProxy, nginx and Prometheus file-sd in step with the ledger (foreground).
+    /// Keep HAProxy, nginx, Prometheus file-sd and etcd in step with the ledger, or with the
+    /// cluster in etcd (foreground).
     Registrar {
         /// HAProxy admin socket (runtime API, level admin); repeat for several HAProxies.
         #[arg(long, value_name = "SOCKET")]
@@ -89,6 +90,15 @@ enum Cmd {
         /// Prometheus file_sd_configs file, replaced atomically; repeatable.
         #[arg(long, value_name = "FILE")]
         file_sd: Vec<PathBuf>,
+        /// Publish this host's targets to etcd (http://HOST:PORT), on a lease of this host.
+        #[arg(long, value_name = "URL", requires = "host_id")]
+        etcd: Option<String>,
+        /// This host's name in etcd (unique in the cluster), with --etcd.
+        #[arg(long, value_name = "ID")]
+        host_id: Option<String>,
+        /// Feed the sinks from every host's targets in etcd instead of this host's ledger.
+        #[arg(long, value_name = "URL", conflicts_with = "etcd")]
+        from_etcd: Option<String>,
         /// Full comparison with every sink this often, changes or not.
         #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
         resync: f64,
@@ -138,6 +148,10 @@ enum PortsCmd {
         /// Only this service.
         #[arg(long)]
         service: Option<String>,
+        /// The whole cluster from etcd (http://HOST:PORT) instead of this host's ledger; each
+        /// entry names its hostId.
+        #[arg(long, value_name = "URL")]
+        etcd: Option<String>,
     },
 }
 
@@ -187,6 +201,7 @@ fn main() -> ExitCode {
                     protocol,
                     container,
                     service,
+                    etcd,
                 },
         } => {
             use commands::ports::{Filter, Format};
@@ -203,7 +218,10 @@ fn main() -> ExitCode {
                     _ => types::Protocol::Tcp,
                 }),
             };
-            commands::ports::list(&g, format, &filter)
+            match etcd {
+                Some(url) => commands::ports::list_cluster(&url, format, &filter),
+                None => commands::ports::list(&g, format, &filter),
+            }
         }
         Cmd::Registrar {
             haproxy,
@@ -215,6 +233,9 @@ fn main() -> ExitCode {
             nginx_pid,
             nginx_upstream,
             file_sd,
+            etcd,
+            host_id,
+            from_etcd,
             resync,
             probe_timeout_ms,
         } => commands::registrar::run(
@@ -229,6 +250,9 @@ fn main() -> ExitCode {
                 nginx_pid,
                 nginx_upstreams: nginx_upstream,
                 file_sd,
+                etcd,
+                host_id,
+                from_etcd,
                 resync: seconds(resync),
                 probe_timeout: std::time::Duration::from_millis(probe_timeout_ms),
             },

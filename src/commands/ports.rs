@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::net::Ipv4Addr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::commands::Globals;
 use crate::kernel::netlink::Netlink;
@@ -13,7 +13,7 @@ use crate::state::{LbState, State};
 use crate::types::NetworkMode;
 
 /// One mapped port, as the contract names its fields.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct PortEntry {
     pub container_id: String,
@@ -149,6 +149,10 @@ pub fn list(g: &Globals, format: Format, f: &Filter) -> anyhow::Result<()> {
         Format::Nginx => lb::export::nginx(&lb::targets(&rows), &[]),
         Format::Haproxy => lb::export::haproxy(&lb::targets(&rows)),
     };
+    print(&text)
+}
+
+fn print(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     let text = text.trim_end_matches('\n');
     match writeln!(out, "{text}").and_then(|_| out.flush()) {
@@ -156,6 +160,47 @@ pub fn list(g: &Globals, format: Format, f: &Filter) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => Ok(r?),
     }
+}
+
+/// `ports list --etcd URL`: every alive host's entries, each with its `hostId`.
+pub fn list_cluster(url: &str, format: Format, f: &Filter) -> anyhow::Result<()> {
+    if matches!(format, Format::Elbv2 | Format::Slb) {
+        anyhow::bail!(
+            "ports list --etcd: --format {}: these name one instance; run it on each host, or use json, table, file-sd, nginx or haproxy",
+            if format == Format::Elbv2 {
+                "elbv2"
+            } else {
+                "slb"
+            }
+        );
+    }
+    let mut rows = lb::cluster::list(url)?;
+    rows.retain(|r| {
+        let e = &r.entry;
+        f.container.as_deref().is_none_or(|c| e.container_id == c)
+            && f.service
+                .as_deref()
+                .is_none_or(|s| e.service.as_deref() == Some(s))
+            && f.state.is_none_or(|w| e.state == w)
+            && f.protocol.is_none_or(|p| e.protocol == p.as_str())
+    });
+    let text = match format {
+        Format::Json => serde_json::to_string_pretty(&rows)?,
+        Format::Table => {
+            let hosts: Vec<&str> = rows.iter().map(|r| r.host_id.as_str()).collect();
+            let entries: Vec<PortEntry> = rows.iter().map(|r| r.entry.clone()).collect();
+            table_with_hosts(&entries, Some(&hosts))
+        }
+        _ => {
+            let entries: Vec<PortEntry> = rows.into_iter().map(|r| r.entry).collect();
+            match format {
+                Format::FileSd => lb::export::file_sd(&entries),
+                Format::Nginx => lb::export::nginx(&lb::targets(&entries), &[]),
+                _ => lb::export::haproxy(&lb::targets(&entries)),
+            }
+        }
+    };
+    print(&text)
 }
 
 /// The instance id exports name bridge and host targets by: `[lb] instance_id`, else instance
@@ -176,6 +221,11 @@ pub fn instance_id(g: &Globals) -> anyhow::Result<String> {
 
 /// The human table.
 pub fn table(rows: &[PortEntry]) -> String {
+    table_with_hosts(rows, None)
+}
+
+/// The human table, with a first HOST column when `hosts` names each row's host.
+fn table_with_hosts(rows: &[PortEntry], hosts: Option<&[&str]>) -> String {
     let head = [
         "CONTAINER",
         "SERVICE",
@@ -215,6 +265,17 @@ pub fn table(rows: &[PortEntry]) -> String {
             format!("{}:{}", r.target_ip, r.target_port),
             r.state.as_str().to_string(),
         ]);
+    }
+    if let Some(h) = hosts {
+        let w = h.iter().map(|s| s.len()).max().unwrap_or(0).max(7);
+        for (i, c) in cells.iter_mut().enumerate() {
+            let name = if i == 0 {
+                "HOST ID"
+            } else {
+                h.get(i - 1).copied().unwrap_or("-")
+            };
+            c[0] = format!("{name:<w$}  {}", c[0]);
+        }
     }
     let widths: Vec<usize> = (0..8)
         .map(|i| cells.iter().map(|c| c[i].len()).max().unwrap_or(0))
@@ -302,6 +363,16 @@ mod tests {
             "aaa"
         );
         assert!(entries(&st, Ipv4Addr::LOCALHOST, None, Some("nope")).is_empty());
+    }
+
+    #[test]
+    fn the_cluster_table_names_each_rows_host_first() {
+        let rows = entries(&state(), Ipv4Addr::LOCALHOST, None, None);
+        let t = table_with_hosts(&rows, Some(&["host-a", "b"]));
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("HOST ID  CONTAINER"), "{t}");
+        assert!(lines[1].starts_with("host-a   aaa"), "{t}");
+        assert!(lines[2].starts_with("b        bbb"), "{t}");
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! `shim registrar`: a foreground process keeping HAProxy, nginx and file-sd sinks equal to the
-//! ledger (the loop is `lb::registrar`). Logs to stderr, exits 0 on SIGTERM.
+//! `shim registrar`: a foreground process keeping HAProxy, nginx, file-sd and etcd sinks equal
+//! to the ledger, or (`--from-etcd`) HAProxy, nginx and file-sd equal to the cluster view in
+//! etcd (the loop is `lb::registrar`, etcd is `lb::cluster`). Logs to stderr, exits 0 on
+//! SIGTERM.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,11 +9,13 @@ use std::time::Duration;
 use anyhow::bail;
 
 use crate::commands::Globals;
-use crate::commands::ports::host_address;
+use crate::commands::ports::{host_address, instance_id};
+use crate::lb::cluster::{ClusterFeed, EtcdSink, LEASE_FILE, Publisher};
+use crate::lb::etcd::Client;
 use crate::lb::filesd::FileSdSink;
 use crate::lb::haproxy::HaproxySink;
 use crate::lb::nginx::NginxSink;
-use crate::lb::registrar::{self, Options, Sink};
+use crate::lb::registrar::{self, Ledger, Options, Sink, Source};
 use crate::lb::safe_name;
 
 /// What the command line asked for.
@@ -26,6 +30,11 @@ pub struct Args {
     pub nginx_pid: Option<PathBuf>,
     pub nginx_upstreams: Vec<String>,
     pub file_sd: Vec<PathBuf>,
+    /// Publish this host's targets to etcd (with `host_id`).
+    pub etcd: Option<String>,
+    pub host_id: Option<String>,
+    /// Feed the sinks from the cluster view in etcd instead of the ledger.
+    pub from_etcd: Option<String>,
     pub resync: Duration,
     pub probe_timeout: Duration,
 }
@@ -67,18 +76,65 @@ pub fn run(g: &Globals, a: Args) -> anyhow::Result<()> {
     for f in &a.file_sd {
         sinks.push(Box::new(FileSdSink::new(f)));
     }
-    if sinks.is_empty() {
+    if sinks.is_empty() && a.etcd.is_none() {
         bail!(
-            "registrar: no sink: give --haproxy SOCKET, --nginx FILE --nginx-reload CMD or --file-sd FILE"
+            "registrar: no sink: give --haproxy SOCKET, --nginx FILE --nginx-reload CMD, --file-sd FILE or --etcd URL --host-id ID"
         );
     }
-    // The config is read now, so a typo stops the registrar before it touches a sink.
-    host_address(g)?;
-    let g2 = g.clone();
+    let source: Box<dyn Source> = match (&a.from_etcd, &a.etcd) {
+        (Some(_), Some(_)) => bail!(
+            "registrar: --from-etcd and --etcd: a registrar either publishes this host (--etcd) or reads the cluster (--from-etcd); run two"
+        ),
+        (Some(url), None) => {
+            if a.host_id.is_some() {
+                bail!("registrar: --host-id goes with --etcd, not --from-etcd");
+            }
+            if sinks.is_empty() {
+                bail!(
+                    "registrar: --from-etcd needs a sink: --haproxy SOCKET, --nginx FILE --nginx-reload CMD or --file-sd FILE"
+                );
+            }
+            Box::new(ClusterFeed::start(
+                Client::new(url).map_err(|e| anyhow::anyhow!("registrar: --from-etcd: {e}"))?,
+            )?)
+        }
+        (None, etcd) => {
+            // The config is read now, so a typo stops the registrar before it touches a sink.
+            let cfg = g.load_config()?;
+            host_address(g)?;
+            if let Some(url) = etcd {
+                let client =
+                    Client::new(url).map_err(|e| anyhow::anyhow!("registrar: --etcd: {e}"))?;
+                let Some(host_id) = a.host_id.clone() else {
+                    bail!(
+                        "registrar: --etcd needs --host-id ID: a name of this host unique in the cluster (e.g. its instance id)"
+                    );
+                };
+                if !safe_name(&host_id) {
+                    bail!(
+                        "registrar: --host-id {host_id:?}: use letters, digits, '_', '.' or '-' (at most 64)"
+                    );
+                }
+                sinks.push(Box::new(EtcdSink::start(Publisher {
+                    client,
+                    host_id,
+                    instance_id: instance_id(g)?,
+                    ttl: cfg.lb.lease_seconds,
+                    lease_file: g.state_dir.join(LEASE_FILE),
+                })));
+            } else if a.host_id.is_some() {
+                bail!("registrar: --host-id without --etcd URL");
+            }
+            let g2 = g.clone();
+            Box::new(Ledger::open(
+                &g.state_dir,
+                Box::new(move || host_address(&g2).unwrap_or(std::net::Ipv4Addr::LOCALHOST)),
+            )?)
+        }
+    };
     registrar::run(Options {
-        state_dir: g.state_dir.clone(),
+        source,
         sinks,
-        host_address: Box::new(move || host_address(&g2).unwrap_or(std::net::Ipv4Addr::LOCALHOST)),
         resync: a.resync,
         probe_timeout: a.probe_timeout,
     })

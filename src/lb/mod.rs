@@ -1,11 +1,14 @@
 //! Load-balancer registration: the exports of `shim ports list --format`, the sinks a
 //! registrar keeps equal to the ledger (HAProxy runtime API, an nginx include, a Prometheus
-//! file-sd file), the registrars' status files and the connection count `shim drain` waits on.
+//! file-sd file, etcd), the cluster view read back from etcd, the registrars' status files and
+//! the connection count `shim drain` waits on.
 //!
-//! Everything here reads the ledger through [`crate::state::StateDir`]; nothing in the hook's
-//! path calls into this module.
+//! Everything here reads the ledger through [`crate::state::StateDir`] (or, for the cluster
+//! view, etcd); nothing in the hook's path calls into this module.
 
+pub mod cluster;
 pub mod conns;
+pub mod etcd;
 pub mod export;
 pub mod filesd;
 pub mod haproxy;

@@ -1,6 +1,7 @@
-//! The registrar loop: keeps every sink equal to the ledger.
+//! The registrar loop: keeps every sink equal to its source, this host's ledger ([`Ledger`])
+//! or the cluster view in etcd (`cluster::ClusterFeed`, `--from-etcd`).
 //!
-//! Each pass reads the ledger (`StateDir::load`, lock-free), turns it into targets, checks new
+//! Each pass reads the source (the ledger: `StateDir::load`, lock-free), turns it into targets, checks new
 //! serving targets with a TCP connect, and asks every sink to make itself equal to that (each
 //! sink compares with what it reports itself: HAProxy's `show servers state`, the files on
 //! disk). A pass runs when the state dir changes (inotify on the dir and every subdirectory
@@ -14,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,12 +41,21 @@ pub struct Log {
 impl Log {
     pub fn line(&mut self, s: String) {
         self.lines += 1;
-        eprintln!("shim registrar: {}", crate::output::escape_controls(&s));
+        log_line(&s);
     }
+}
+
+/// One log line from any thread of the registrar.
+pub fn log_line(s: &str) {
+    eprintln!("shim registrar: {}", crate::output::escape_controls(s));
 }
 
 /// What a pass asks the sinks to look like.
 pub struct Want<'a> {
+    /// The revision of what the entries were read from (the ledger's, or etcd's).
+    pub revision: u64,
+    /// The address of this host's bridge and host targets.
+    pub host: Ipv4Addr,
     /// Every listed port (file-sd exports them all).
     pub entries: &'a [PortEntry],
     /// The TCP targets with a service, by group.
@@ -82,12 +92,91 @@ pub trait Sink {
 }
 
 pub struct Options {
-    pub state_dir: PathBuf,
+    pub source: Box<dyn Source>,
     pub sinks: Vec<Box<dyn Sink>>,
-    /// The address of bridge and host targets (re-read on each resync).
-    pub host_address: Box<dyn Fn() -> Ipv4Addr>,
     pub resync: Duration,
     pub probe_timeout: Duration,
+}
+
+/// What one pass reads: the entries and the revision they come from.
+pub struct Snapshot {
+    pub revision: u64,
+    pub host: Ipv4Addr,
+    pub entries: Vec<PortEntry>,
+}
+
+/// Where the targets come from: this host's ledger, or the cluster view in etcd.
+pub trait Source {
+    /// Readable when [`Source::load`] may return something new.
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// Consumes what made [`Source::fd`] readable; true if a pass should run.
+    fn drain(&mut self) -> bool;
+    /// The periodic resync (re-read what may drift, such as the host address).
+    fn resync(&mut self);
+    /// The current entries; `Ok(None)` when there is nothing to apply yet.
+    fn load(&mut self) -> Result<Option<Snapshot>, String>;
+    /// The state dir whose registrar status files `shim drain` reads (the ledger only).
+    fn status_dir(&self) -> Option<&Path>;
+    fn describe(&self) -> String;
+}
+
+/// The ledger of this host, watched with inotify.
+pub struct Ledger {
+    sd: StateDir,
+    root: PathBuf,
+    watch: Watch,
+    host_address: Box<dyn Fn() -> Ipv4Addr>,
+    host: Ipv4Addr,
+}
+
+impl Ledger {
+    /// `host_address` gives the address of bridge and host targets (re-read on each resync).
+    pub fn open(
+        state_dir: &Path,
+        host_address: Box<dyn Fn() -> Ipv4Addr>,
+    ) -> anyhow::Result<Ledger> {
+        let sd = StateDir::new(state_dir);
+        sd.ensure()?;
+        let watch = Watch::new(state_dir)?;
+        let host = host_address();
+        Ok(Ledger {
+            sd,
+            root: state_dir.to_path_buf(),
+            watch,
+            host_address,
+            host,
+        })
+    }
+}
+
+impl Source for Ledger {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.watch.ino.as_fd()
+    }
+    fn drain(&mut self) -> bool {
+        self.watch.drain()
+    }
+    fn resync(&mut self) {
+        self.host = (self.host_address)();
+        self.watch.repair();
+    }
+    fn load(&mut self) -> Result<Option<Snapshot>, String> {
+        let state = self
+            .sd
+            .load()
+            .map_err(|e| format!("read the ledger: {e}: keeping the sinks as they are"))?;
+        Ok(Some(Snapshot {
+            revision: state.revision,
+            host: self.host,
+            entries: entries(&state, self.host, None, None),
+        }))
+    }
+    fn status_dir(&self) -> Option<&Path> {
+        Some(&self.root)
+    }
+    fn describe(&self) -> String {
+        self.root.display().to_string()
+    }
 }
 
 /// A serving target's TCP check.
@@ -251,8 +340,6 @@ fn now_secs() -> u64 {
 
 /// Runs until SIGTERM or SIGINT.
 pub fn run(mut o: Options) -> anyhow::Result<()> {
-    let sd = StateDir::new(&o.state_dir);
-    sd.ensure()?;
     let mut log = Log::default();
     // Signals arrive through a descriptor, so the loop handles them between passes.
     let mut mask = SigSet::empty();
@@ -262,14 +349,16 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).context("block signals")?;
     let sfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
         .context("signalfd")?;
-    let mut watch = Watch::new(&o.state_dir)?;
 
     let pid = std::process::id();
     let start_time = status::start_time(pid).unwrap_or(0);
-    for gone in status::remove_stale(&o.state_dir) {
-        log.line(format!(
-            "removed the status file of registrar {gone} (not running)"
-        ));
+    let status_dir = o.source.status_dir().map(Path::to_path_buf);
+    if let Some(d) = &status_dir {
+        for gone in status::remove_stale(d) {
+            log.line(format!(
+                "removed the status file of registrar {gone} (not running)"
+            ));
+        }
     }
     let labels: Vec<String> = o.sinks.iter().map(|s| s.label()).collect();
     let mut my_status = Status {
@@ -280,14 +369,15 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
         updated: now_secs(),
     };
     // Registered from the start: a drain issued now waits for this registrar too.
-    status::write(&o.state_dir, &my_status).context("write the status file")?;
+    if let Some(d) = &status_dir {
+        status::write(d, &my_status).context("write the status file")?;
+    }
     log.line(format!(
         "watching {} for {}",
-        o.state_dir.display(),
+        o.source.describe(),
         labels.join(", ")
     ));
 
-    let mut host = (o.host_address)();
     let mut probes: HashMap<(String, SocketAddrV4), Probe> = HashMap::new();
     let mut ready: HashSet<(String, SocketAddrV4)> = HashSet::new();
     let mut last_applied: Option<u64> = None;
@@ -307,8 +397,7 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
     loop {
         let now = Instant::now();
         if now >= next_resync {
-            host = (o.host_address)();
-            watch.repair();
+            o.source.resync();
             dirty = true;
             next_resync = now + o.resync;
         }
@@ -329,14 +418,13 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
         }
 
         crate::trace::mark("registrar-wait");
-        // The ledger and its targets.
-        let state = match sd.load() {
+        // The entries and their targets.
+        let snap = match o.source.load() {
             Ok(s) => {
                 last_load_error.clear();
-                Some(s)
+                s
             }
-            Err(e) => {
-                let msg = format!("read the ledger: {e}: keeping the sinks as they are");
+            Err(msg) => {
                 if msg != last_load_error {
                     log.line(msg.clone());
                     last_load_error = msg;
@@ -345,11 +433,11 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
                 None
             }
         };
-        if let Some(state) = state {
-            if last_applied != Some(state.revision) {
+        if let Some(snap) = snap {
+            if last_applied != Some(snap.revision) {
                 dirty = true;
             }
-            let list = entries(&state, host, None, None);
+            let list = snap.entries;
             let tg = targets(&list);
             // TCP checks of serving targets not yet ready.
             let live: HashSet<(String, SocketAddrV4)> = tg
@@ -391,6 +479,8 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
             }
             if dirty {
                 let want = Want {
+                    revision: snap.revision,
+                    host: snap.host,
                     entries: &list,
                     targets: tg,
                     ready: &ready,
@@ -420,12 +510,14 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
                 }
                 dirty = false;
                 if all {
-                    last_applied = Some(state.revision);
-                    if my_status.revision != state.revision || !confirmed {
+                    last_applied = Some(snap.revision);
+                    if my_status.revision != snap.revision || !confirmed {
                         confirmed = true;
-                        my_status.revision = state.revision;
+                        my_status.revision = snap.revision;
                         my_status.updated = now_secs();
-                        if let Err(e) = status::write(&o.state_dir, &my_status) {
+                        if let Some(d) = &status_dir
+                            && let Err(e) = status::write(d, &my_status)
+                        {
                             log.line(format!("write the status file: {e}"));
                         }
                     }
@@ -453,7 +545,7 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
         let wait = wake.saturating_duration_since(Instant::now());
         let ms = u16::try_from(wait.as_millis().max(1)).unwrap_or(u16::MAX);
         let mut fds = [
-            PollFd::new(watch.ino.as_fd(), PollFlags::POLLIN),
+            PollFd::new(o.source.fd(), PollFlags::POLLIN),
             PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
         ];
         match poll(&mut fds, PollTimeout::from(ms)) {
@@ -463,7 +555,7 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
         let sig_ready = fds[1]
             .revents()
             .is_some_and(|r| r.contains(PollFlags::POLLIN));
-        let ino_ready = fds[0]
+        let src_ready = fds[0]
             .revents()
             .is_some_and(|r| r.contains(PollFlags::POLLIN));
         if sig_ready {
@@ -472,13 +564,15 @@ pub fn run(mut o: Options) -> anyhow::Result<()> {
                     log.line("SIGHUP: resync".into());
                     next_resync = Instant::now();
                 } else {
-                    status::remove(&o.state_dir, pid);
+                    if let Some(d) = &status_dir {
+                        status::remove(d, pid);
+                    }
                     log.line("stopping: the load balancers keep their last targets".into());
                     return Ok(());
                 }
             }
         }
-        if ino_ready && watch.drain() {
+        if src_ready && o.source.drain() {
             dirty = true;
         }
     }

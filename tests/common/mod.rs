@@ -6,7 +6,7 @@
 //! Tests that need root carry `#[cfg_attr(not(root), ignore = "needs root: ...")]` (build.rs sets
 //! `cfg(root)` when root builds them), so an unprivileged `cargo test` lists them as ignored.
 //! Test files use this module as `#[macro_use] mod common;`. Submodules: `vpc` (the
-//! awsvpc rig: a VPC namespace, peers, veth ENIs, fake metadata) and `lab` (the end-to-end
+//! awsvpc rig: a VPC namespace, peers, veth ENIs, fake metadata), `etcd` (a real etcd member) and `lab` (the end-to-end
 //! tests' world under real runtimes: shipped hook files, busybox bundles, page fetches).
 #![allow(dead_code)]
 
@@ -18,6 +18,7 @@ macro_rules! root_only {
     };
 }
 
+pub mod etcd;
 pub mod lab;
 pub mod lb;
 pub mod vpc;
