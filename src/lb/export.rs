@@ -97,7 +97,11 @@ pub fn file_sd(entries: &[PortEntry]) -> String {
             }
             (Vec::new(), Value::Object(labels))
         });
-        g.0.push(format!("{}:{}", e.target_ip, e.target_port));
+        g.0.push(format!(
+            "{}:{}",
+            super::bracket(&e.target_ip),
+            e.target_port
+        ));
     }
     let rows: Vec<Value> = groups
         .into_values()
