@@ -1,7 +1,7 @@
 //! The suite on Debian 12's own kernel (6.1 LTS from `linux-image-amd64`), in the VM lab
 //! (tests/vm/lab.sh): one guest boot runs this crate's already-built integration test binaries
-//! (bridge, host/none, awsvpc, recovery, runc end to end; bridge once more with br_netfilter
-//! loaded), this file's in-guest tests (802.1Q vlan, dummy and ipvlan links, which this machine's
+//! (bridge, host/none, awsvpc, recovery, branch ENIs (also without 8021q), runc end to end;
+//! bridge once more with br_netfilter loaded), this file's in-guest tests (802.1Q vlan, dummy and ipvlan links, which this machine's
 //! kernel lacks), then checks that nothing was left behind and that the kernel logged no warning.
 //! Each `#[test]` below asserts one part of that single run. Needs root (the suites do).
 //!
