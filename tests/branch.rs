@@ -210,6 +210,18 @@ fn a_branch_eni_is_a_vlan_of_the_trunk_in_the_task_as_eth0_and_carries_tcp() {
     let setup = t.elapsed();
     assert_branch_task(&b, a, &mac, 105, "10.0.105.10/24", "10.0.105.1");
     assert_eq!(eth0_details(&b.ns(a))["mtu"], 1400, "the branch's MTU");
+    // prestart after createRuntime (both registered) finds the task set up: one VLAN.
+    let st = b.oci_state(
+        a,
+        &[
+            ("netshim.network-mode", "awsvpc"),
+            ("netshim.eni", &spec.to_string()),
+            ("netshim.port-mappings", r#"[{"containerPort":80}]"#),
+        ],
+    );
+    must_succeed(&b.shim(&["hook", "prestart"], &st), "prestart");
+    assert_eq!(link_names(&b.ns(a)), ["lo", "eth0"], "after prestart");
+    assert_branch_task(&b, a, &mac, 105, "10.0.105.10/24", "10.0.105.1");
     // The branch lives only in the task; the trunk stays on the host as it was.
     assert_eq!(
         link_by_mac(&b.host, &mac),
@@ -459,6 +471,32 @@ fn branch_requests_that_cannot_be_met_are_refused_and_change_nothing() {
         "-n", &host, "link", "add", "link", &t2.name, "name", &t2_vlan, "type", "vlan", "id", "402",
     ]);
     let primary = b.primary();
+    // VLAN 405 of the trunk, made by hand and moved into a namespace of its own: invisible
+    // from the host, still taken on the trunk (the kernel refuses a second one).
+    let elsewhere = format!("{}x", b.prefix);
+    ip(&["netns", "add", &elsewhere]);
+    b.extra_ns.push(elsewhere.clone());
+    let hidden = format!("{}h405", b.prefix);
+    ip(&[
+        "-n",
+        &host,
+        "link",
+        "add",
+        "link",
+        &b.trunk.name,
+        "name",
+        &hidden,
+        "type",
+        "vlan",
+        "id",
+        "405",
+    ]);
+    ip(&["-n", &host, "link", "set", &hidden, "netns", &elsewhere]);
+    // Another task's exclusive ENI (moved into that task) as a trunk.
+    let e = b.attach_eni();
+    let x = b.task();
+    b.must_setup(x, &exclusive(&e, &["10.0.1.23/24"]), "", None);
+    let id_x = b.containers[x].id.clone();
 
     let at = |vlan: u16| branch(&mac_x, &b.trunk, vlan, "10.0.40.20/24", "10.0.40.1");
     let with = |mut v: Value, k: &str, x: Value| {
@@ -531,6 +569,31 @@ fn branch_requests_that_cannot_be_met_are_refused_and_change_nothing() {
             branch(&mac_x, &primary, 403, "10.0.43.20/24", "10.0.43.1").to_string(),
             vec!["trunk", "holds a default route of the host"],
         ),
+        (
+            // Taken on the trunk where the host cannot see it: the kernel says so, and the
+            // setup is rolled back.
+            at(405).to_string(),
+            vec!["create VLAN 405 on trunk", "already in use on that trunk"],
+        ),
+        (
+            branch(&mac_x, &e, 406, "10.0.46.20/24", "10.0.46.1").to_string(),
+            vec![
+                "trunk",
+                &e.mac,
+                "already given to task",
+                &id_x,
+                "as its exclusive ENI",
+            ],
+        ),
+        (
+            // The trunk as a shared ENI.
+            shared(&b.trunk, &["10.0.1.31/24"]),
+            vec![
+                "already given to task",
+                &id_a,
+                "as the trunk of its branch ENI",
+            ],
+        ),
     ];
     let c = b.task();
     let before = snapshot(&b);
@@ -568,6 +631,8 @@ fn branch_requests_that_cannot_be_met_are_refused_and_change_nothing() {
     assert!(tcp_get(&b.ns(c), ip4("10.0.44.1"), 80, PATIENT).is_ok());
     must_succeed(&b.poststop(a), "poststop a");
     must_succeed(&b.poststop(c), "poststop c");
+    must_succeed(&b.poststop(x), "poststop x");
+    assert_eni_home(&b.host, &e, "after poststop x");
 }
 
 /// Whether this kernel can make a VLAN link (tried on a scratch veth in `ns`).
