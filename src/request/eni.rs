@@ -13,6 +13,8 @@ use crate::types::{Attachment, MacAddr};
 
 /// Most addresses of one family an ENI request may list.
 const MAX_ADDRESSES: usize = 256;
+/// The smallest MTU a link carrying IPv6 may have (RFC 8200).
+const IPV6_MIN_MTU: u32 = 1280;
 
 /// A branch ENI's place on its trunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +104,14 @@ impl EniSpec {
                     )));
                 }
             }
+        }
+        if let Some(mtu) = self.mtu
+            && !self.ipv6.is_empty()
+            && mtu < IPV6_MIN_MTU
+        {
+            return Err(err(format!(
+                "mtu {mtu} is below {IPV6_MIN_MTU}, the least IPv6 allows (the kernel turns IPv6 off on such a link): raise mtu or drop ipv6Addresses"
+            )));
         }
         if let Some(gw) = self.gateway6 {
             if gw.is_multicast() || gw.is_unspecified() || gw.is_loopback() {
@@ -459,6 +469,31 @@ mod tests {
         let e = parse_eni(r#"{"macAddress":"02:00:00:00:00:01","ipv6Addresses":["fe80::5/64"]}"#)
             .unwrap_err();
         assert!(e.to_string().contains("not a unicast address"), "{e}");
+    }
+
+    #[test]
+    fn an_mtu_too_small_for_ipv6_is_refused_only_with_ipv6() {
+        let e = parse_eni(
+            r#"{"macAddress":"02:00:00:00:00:01","ipv6Addresses":["2001:db8::5/64"],"mtu":1279}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "annotation netshim.eni: mtu 1279 is below 1280, the least IPv6 allows (the kernel turns IPv6 off on such a link): raise mtu or drop ipv6Addresses"
+        );
+        assert!(
+            parse_eni(
+                r#"{"macAddress":"02:00:00:00:00:01","ipv6Addresses":["2001:db8::5/64"],"mtu":1280}"#
+            )
+            .is_ok()
+        );
+        assert!(
+            parse_eni(
+                r#"{"macAddress":"02:00:00:00:00:01","ipv4Addresses":["10.0.1.5/24"],"mtu":576}"#
+            )
+            .is_ok(),
+            "an IPv4-only ENI may have a small MTU"
+        );
     }
 
     #[test]
