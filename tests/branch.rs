@@ -818,6 +818,63 @@ fn a_branch_setup_killed_at_any_step_is_repaired_by_shim_gc() {
 
 #[test]
 #[ignore = "needs 802.1Q: runs in the VM lab"]
+fn a_branch_teardown_killed_at_any_step_is_finished_by_shim_gc() {
+    let mut b = Branches::new();
+    b.vpc_vlan(502, &["10.0.52.1/24"]);
+    let trunk_before = b.trunk_state();
+    let mac = b.branch_mac();
+    let spec = branch(&mac, &b.trunk, 502, "10.0.52.10/24", "10.0.52.1").to_string();
+    let out = Command::new(SHIM)
+        .arg("--version")
+        .env("NETSHIM_FAULT", "list")
+        .output()
+        .expect("run shim");
+    let pts: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|p| p.starts_with("teardown-"))
+        .map(String::from)
+        .collect();
+    assert!(
+        !pts.is_empty(),
+        "no teardown fault points: build with --features fault-injection"
+    );
+    for p in &pts {
+        let when = format!("poststop killed at {p}");
+        let a = b.task();
+        b.must_setup(a, &spec, "", None);
+        // Runtimes end the task and delete its netns before poststop; netshim's pin holds it.
+        b.containers[a].destroy();
+        let id = b.containers[a].id.clone();
+        let out = b.shim_env(
+            &["hook", "poststop"],
+            &format!(r#"{{"ociVersion":"1.0.2","id":"{id}","status":"stopped"}}"#),
+            &[("NETSHIM_FAULT", p)],
+        );
+        assert!(killed(&out), "{when}: not killed: {}", stderr(&out));
+        must_succeed(&b.shim(&["gc"], ""), &format!("{when}: gc"));
+        assert!(b.recorded().is_empty(), "{when}: {:?}", b.recorded());
+        assert_eq!(
+            mounts_under(&b.state_dir()),
+            Vec::<String>::new(),
+            "{when}: task namespaces still pinned"
+        );
+        assert_eq!(b.trunk_state(), trunk_before, "{when}: the trunk changed");
+        // VLAN 502 is free again (the kernel would refuse it while the old one existed).
+        let n = b.task();
+        b.must_setup(n, &spec, "", None);
+        assert!(
+            tcp_get(&b.ns(n), ip4("10.0.52.1"), 80, PATIENT).is_ok(),
+            "{when}: the next task's branch carries nothing"
+        );
+        must_succeed(
+            &b.poststop(n),
+            &format!("{when}: poststop of the next task"),
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs 802.1Q: runs in the VM lab"]
 fn ingress_rules_and_the_metadata_block_apply_to_a_branch_task() {
     let mut b = Branches::new();
     b.vpc_vlan(601, &["10.0.61.1/24", "10.0.61.2/24"]);
