@@ -14,6 +14,8 @@ pub const POINTS: &[&str] = &[
     "awsvpc-pinned",
     "awsvpc-moved",
     "awsvpc-shared-veth",
+    "branch-pinned",
+    "branch-created",
     "setup-applied",
     "setup-committed",
     "teardown-released",

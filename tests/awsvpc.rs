@@ -6,7 +6,7 @@
 #[macro_use]
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -676,6 +676,13 @@ fn malformed_or_inconsistent_requests_are_refused_and_change_nothing() {
             &["netshim.ingress"],
         ),
         (ok.clone(), "", Some("not json"), &["netshim.ingress"]),
+        (
+            json!({"macAddress": e.mac, "ipv6Addresses": ["2001:db8:1::23/64"], "mtu": 1200})
+                .to_string(),
+            "",
+            None,
+            &["mtu 1200 is below 1280, the least IPv6 allows"],
+        ),
     ];
     for (eni, maps, ingress, needles) in &cases {
         let out = vpc.setup(a, eni, maps, *ingress);
@@ -738,6 +745,289 @@ fn allowed_interfaces_limits_which_interfaces_may_be_given() {
     vpc.must_setup(a, &exclusive(&e1, &["10.0.1.23/24"]), "", None);
     must_succeed(&vpc.poststop(a), "poststop");
     assert_eni_home(&vpc.host, &e1, "after poststop");
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv6: IPv6-only and dual-stack exclusive ENIs (the VPC router on 2001:db8:1::1/64)
+// ---------------------------------------------------------------------------------------------
+
+const TASK6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x23);
+
+fn v6(a: Ipv6Addr) -> IpAddr {
+    IpAddr::V6(a)
+}
+
+/// Task `i`'s eth0 holds exactly `TASK6`/64, not tentative (no duplicate address detection),
+/// and its IPv6 default route is via the subnet's IPv6 gateway on eth0.
+fn assert_ipv6_task(vpc: &Vpc, i: usize, eni: &Eni) {
+    let ns = vpc.ns(i);
+    let l = link(&ns, "eth0").expect("eth0");
+    assert_eq!(l["address"], eni.mac.as_str(), "eth0 is not the ENI: {l}");
+    let a = global_addrs6(&ns, "eth0");
+    assert_eq!(a.len(), 1, "eth0 global IPv6 addresses: {a:?}");
+    assert_eq!(a[0]["local"], TASK6.to_string(), "{a:?}");
+    assert_eq!(a[0]["prefixlen"], 64, "{a:?}");
+    for flag in ["tentative", "dadfailed"] {
+        assert!(a[0].get(flag).is_none(), "{TASK6} is {flag}: {a:?}");
+    }
+    assert_eq!(
+        default_route6(&ns),
+        Some((SUBNET_GW6.to_string(), "eth0".to_string())),
+        "task IPv6 default route"
+    );
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn an_ipv6_only_exclusive_eni_is_usable_at_once_through_its_ipv6_gateway() {
+    let mut vpc = Vpc::new(&[]);
+    vpc.net.enable_ipv6();
+    let e = vpc.attach_eni();
+    let a = vpc.task();
+    let spec = eni_spec_dual(&e.mac, &[], &[&format!("{TASK6}/64")], "exclusive");
+    vpc.must_setup(a, &spec.to_string(), r#"[{"containerPort":80}]"#, None);
+    let ns = vpc.ns(a);
+    // Bound the moment setup returns: an address still in DAD could not be bound.
+    tcp_server_on(&ns, SocketAddr::new(v6(TASK6), 80), "task v6");
+    assert_ipv6_task(&vpc, a, &e);
+    assert_eq!(
+        addrs(&ns, "eth0", "-4"),
+        Vec::<String>::new(),
+        "IPv4 on eth0"
+    );
+    assert_eq!(
+        default_route(&ns),
+        None,
+        "an IPv4 default route without IPv4"
+    );
+    // Real TCP both ways over IPv6: the VPC router reaches the task, the task its gateway.
+    assert_eq!(
+        tcp_get_ip(&vpc.net.ns, None, v6(TASK6), 80, PATIENT).unwrap(),
+        "task v6"
+    );
+    assert_eq!(
+        tcp_get_ip(&ns, None, v6(SUBNET_GW6), 80, PATIENT).unwrap(),
+        format!("vpc6 {SUBNET_GW6}")
+    );
+    // Load balancers register the task's IPv6 address and the container port.
+    let p = port_entry(&vpc.ports(), &vpc.containers[a].id, 80);
+    assert_eq!(p["targetIP"], TASK6.to_string(), "{p}");
+    assert_eq!(p["targetPort"], 80, "{p}");
+    must_succeed(&vpc.poststop(a), "poststop");
+    assert_eni_home(&vpc.host, &e, "after poststop");
+    assert!(vpc.recorded().is_empty(), "{:?}", vpc.recorded());
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn a_dual_stack_exclusive_eni_carries_ipv4_and_ipv6() {
+    let mut vpc = Vpc::new(&[]);
+    vpc.net.enable_ipv6();
+    let e = vpc.attach_eni();
+    let a = vpc.task();
+    let spec = eni_spec_dual(
+        &e.mac,
+        &["10.0.1.23/24"],
+        &[&format!("{TASK6}/64")],
+        "exclusive",
+    );
+    vpc.must_setup(a, &spec.to_string(), r#"[{"containerPort":80}]"#, None);
+    let ns = vpc.ns(a);
+    // [::] takes both families.
+    tcp_server_on(&ns, SocketAddr::new(v6(Ipv6Addr::UNSPECIFIED), 80), "dual");
+    assert_exclusive_task(&vpc, a, &e, "10.0.1.23/24", 1500);
+    assert_ipv6_task(&vpc, a, &e);
+    assert_eq!(
+        tcp_get(&vpc.peer, ip4("10.0.1.23"), 80, PATIENT).unwrap(),
+        "dual"
+    );
+    assert_eq!(
+        tcp_get_ip(&vpc.net.ns, None, v6(TASK6), 80, PATIENT).unwrap(),
+        "dual"
+    );
+    assert!(
+        tcp_get(&ns, SUBNET_GW, 80, PATIENT)
+            .unwrap()
+            .contains("vpc")
+    );
+    assert_eq!(
+        tcp_get_ip(&ns, None, v6(SUBNET_GW6), 80, PATIENT).unwrap(),
+        format!("vpc6 {SUBNET_GW6}")
+    );
+    // The IPv4 address stays the load-balancer target of a dual-stack task.
+    let p = port_entry(&vpc.ports(), &vpc.containers[a].id, 80);
+    assert_eq!(p["targetIP"], "10.0.1.23", "{p}");
+    must_succeed(&vpc.poststop(a), "poststop");
+    assert_eni_home(&vpc.host, &e, "after poststop");
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn ingress_rules_admit_only_listed_ipv6_sources() {
+    let mut vpc = Vpc::new(&[]);
+    vpc.net.enable_ipv6();
+    let e = vpc.attach_eni();
+    let a = vpc.task();
+    let spec = eni_spec_dual(
+        &e.mac,
+        &["10.0.1.23/24"],
+        &[&format!("{TASK6}/64")],
+        "exclusive",
+    );
+    let ingress = format!(
+        r#"[{{"protocol":"tcp","port":80,"cidr":"{SUBNET_GW6}/128"}},{{"protocol":"tcp","port":8000,"cidr":"2001:db8:1::/64"}}]"#
+    );
+    vpc.must_setup(a, &spec.to_string(), "", Some(&ingress));
+    let ns = vpc.ns(a);
+    for port in [80, 8000, 8001] {
+        tcp_server_on(
+            &ns,
+            SocketAddr::new(v6(Ipv6Addr::UNSPECIFIED), port),
+            &format!("port {port}"),
+        );
+    }
+    let (gw, other, vpc_ns) = (v6(SUBNET_GW6), v6(VPC_OTHER6), vpc.net.ns.clone());
+    let task = v6(TASK6);
+    assert_eq!(
+        tcp_get_ip(&vpc_ns, Some(gw), task, 80, PATIENT).unwrap(),
+        "port 80"
+    );
+    assert!(
+        tcp_get_ip(&vpc_ns, Some(other), task, 80, SHORT).is_err(),
+        "{VPC_OTHER6} is not in the port 80 rule's /128"
+    );
+    assert_eq!(
+        tcp_get_ip(&vpc_ns, Some(other), task, 8000, PATIENT).unwrap(),
+        "port 8000"
+    );
+    assert!(
+        tcp_get_ip(&vpc_ns, Some(gw), task, 8001, SHORT).is_err(),
+        "port 8001 is in no rule"
+    );
+    // The rules are IPv6 only: the same port over IPv4 from the subnet is dropped.
+    assert!(
+        tcp_get(&vpc.peer, ip4("10.0.1.23"), 8000, SHORT).is_err(),
+        "IPv4 reached a port only an IPv6 rule admits"
+    );
+    // The task's own connections get their answers.
+    assert!(
+        tcp_get_ip(&ns, None, gw, 80, PATIENT)
+            .unwrap()
+            .contains("vpc6")
+    );
+    // Control: without the task's firewall the refused source gets through.
+    must_succeed(
+        &command_in(&ns, "/usr/sbin/nft")
+            .args(["flush", "ruleset"])
+            .output()
+            .expect("nft"),
+        "flush the task's ruleset",
+    );
+    assert_eq!(
+        tcp_get_ip(&vpc_ns, Some(other), task, 80, PATIENT).unwrap(),
+        "port 80",
+        "the refused source cannot connect even without the firewall: the rig is broken"
+    );
+    must_succeed(&vpc.poststop(a), "poststop");
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn tasks_cannot_reach_ipv6_instance_metadata_unless_allowed() {
+    for allow in [false, true] {
+        let allowed = if allow { "true" } else { "false" };
+        let mut vpc = Vpc::new(&[("allow_metadata_access", allowed)]);
+        vpc.net.enable_ipv6();
+        let e = vpc.attach_eni();
+        let a = vpc.task();
+        let spec = eni_spec_dual(&e.mac, &[], &[&format!("{TASK6}/64")], "exclusive");
+        vpc.must_setup(a, &spec.to_string(), "", None);
+        let ns = vpc.ns(a);
+        // Control: the VPC router answers on IPv6.
+        assert!(
+            tcp_get_ip(&ns, None, v6(SUBNET_GW6), 80, PATIENT).is_ok(),
+            "no IPv6 path to the gateway"
+        );
+        let meta = tcp_get_ip(
+            &ns,
+            None,
+            v6(AWS_METADATA6),
+            80,
+            if allow { PATIENT } else { SHORT },
+        );
+        if allow {
+            assert_eq!(
+                meta.as_deref(),
+                Ok(format!("vpc6 {AWS_METADATA6}").as_str()),
+                "allow_metadata_access = true, yet the task cannot reach fd00:ec2::254"
+            );
+        } else {
+            assert!(meta.is_err(), "the task reached fd00:ec2::254: {meta:?}");
+            // The task's firewall is what stops it.
+            must_succeed(
+                &command_in(&ns, "/usr/sbin/nft")
+                    .args(["flush", "ruleset"])
+                    .output()
+                    .expect("nft"),
+                "flush the task's ruleset",
+            );
+            assert!(
+                tcp_get_ip(&ns, None, v6(AWS_METADATA6), 80, PATIENT).is_ok(),
+                "fd00:ec2::254 is unreachable even without the firewall: the rig is broken"
+            );
+        }
+        must_succeed(&vpc.poststop(a), "poststop");
+    }
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn a_shared_eni_refuses_ipv6_in_one_line_and_changes_nothing() {
+    let mut vpc = Vpc::new(&[]);
+    vpc.net.enable_ipv6();
+    let e = vpc.attach_eni();
+    let (a, b) = (vpc.task(), vpc.task());
+    vpc.must_setup(a, &shared(&e, &["10.0.1.31/24", "10.0.1.32/24"]), "", None);
+    // IPv4 routes only: the kernel adds IPv6 link-local routes by itself as addresses settle.
+    let host_view = |vpc: &Vpc| {
+        (
+            link_names(&vpc.host),
+            ip_text(&vpc.host, &["rule", "show"]),
+            ip_text(&vpc.host, &["-6", "rule", "show"]),
+            ip_text(&vpc.host, &["-4", "route", "show", "table", "all"]),
+        )
+    };
+    let ledger_before = ledger_fingerprint(&vpc.state_dir());
+    let host_before = host_view(&vpc);
+    let spec = eni_spec_dual(
+        &e.mac,
+        &["10.0.1.31/24", "10.0.1.32/24"],
+        &[&format!("{TASK6}/64")],
+        "shared",
+    );
+    let out = vpc.setup(b, &spec.to_string(), "", None);
+    must_fail_with(
+        &out,
+        &[
+            &e.mac,
+            "a shared ENI hands out IPv4 secondary addresses only",
+            "exclusive or branch ENI",
+        ],
+    );
+    assert!(
+        ledger_fingerprint(&vpc.state_dir()) == ledger_before,
+        "the refusal changed the ledger"
+    );
+    assert_eq!(host_view(&vpc), host_before, "the refusal changed the host");
+    assert_eq!(link_names(&vpc.ns(b)), ["lo"], "the refused task got links");
+    // The first task still serves from its secondary address.
+    let ip_a = shared_task_ip(&vpc, a);
+    tcp_server(&vpc.ns(a), 80, "still shared");
+    assert_eq!(
+        tcp_get(&vpc.peer, ip_a, 80, PATIENT).unwrap(),
+        "still shared"
+    );
+    must_succeed(&vpc.poststop(a), "poststop");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 //! The suite on Debian 12's own kernel (6.1 LTS from `linux-image-amd64`), in the VM lab
 //! (tests/vm/lab.sh): one guest boot runs this crate's already-built integration test binaries
-//! (bridge, host/none, awsvpc, recovery, runc end to end; bridge once more with br_netfilter
-//! loaded), this file's in-guest tests (802.1Q vlan, dummy and ipvlan links, which this machine's
+//! (bridge, host/none, awsvpc, recovery, branch ENIs (also without 8021q), runc end to end;
+//! bridge once more with br_netfilter loaded), this file's in-guest tests (802.1Q vlan, dummy and ipvlan links, which this machine's
 //! kernel lacks), then checks that nothing was left behind and that the kernel logged no warning.
 //! Each `#[test]` below asserts one part of that single run. Needs root (the suites do).
 //!
@@ -36,8 +36,12 @@ struct Suite {
     target: &'static str,
     /// libtest arguments.
     args: &'static [&'static str],
-    /// A shell command run before the binary in the same step (e.g. a modprobe).
+    /// A shell command run before the binary in the same step (e.g. a modprobe); the binary
+    /// runs only if it succeeds.
     before: Option<&'static str>,
+    /// A shell command run after the binary whatever its result (undoes `before`); the step's
+    /// status stays the binary's.
+    after: Option<&'static str>,
 }
 
 /// The suites run in the guest, in this order. `--include-ignored` runs the tests marked as
@@ -48,42 +52,70 @@ const SUITES: &[Suite] = &[
         target: "vm",
         args: &["--ignored"],
         before: None,
+        after: None,
     },
     Suite {
         step: "host_none",
         target: "host_none",
         args: &["--include-ignored"],
         before: None,
+        after: None,
     },
     Suite {
         step: "recovery",
         target: "recovery",
         args: &["--include-ignored"],
         before: None,
+        after: None,
     },
     Suite {
         step: "bridge",
         target: "bridge",
         args: &["--include-ignored"],
         before: None,
+        after: None,
     },
     Suite {
         step: "awsvpc",
         target: "awsvpc",
         args: &["--include-ignored"],
         before: None,
+        after: None,
+    },
+    Suite {
+        step: "branch",
+        target: "branch",
+        args: &["--ignored"],
+        before: None,
+        after: None,
+    },
+    // 802.1Q unavailable: 8021q unloaded and the kernel's module loader pointed at /bin/false
+    // for this one test, then restored.
+    Suite {
+        step: "branch_without_8021q",
+        target: "branch",
+        args: &[
+            "--exact",
+            "a_kernel_without_8021q_refuses_branch_enis_clearly_and_changes_nothing",
+        ],
+        before: Some(
+            "modprobe -r 8021q && old=$(cat /proc/sys/kernel/modprobe) && echo /bin/false > /proc/sys/kernel/modprobe",
+        ),
+        after: Some("[ -n \"${old:-}\" ] && echo \"$old\" > /proc/sys/kernel/modprobe"),
     },
     Suite {
         step: "runc_e2e",
         target: "runc_e2e",
         args: &["--include-ignored"],
         before: None,
+        after: None,
     },
     Suite {
         step: "bridge_br_netfilter",
         target: "bridge",
         args: &["--include-ignored"],
         before: Some("modprobe br_netfilter"),
+        after: None,
     },
 ];
 
@@ -157,16 +189,17 @@ fn guest_script() -> Result<String, String> {
     let extras = extra_targets();
     let all = SUITES
         .iter()
-        .map(|x| (x.step.to_string(), x.target, x.args, x.before))
+        .map(|x| (x.step.to_string(), x.target, x.args, x.before, x.after))
         .chain(extras.iter().map(|t| {
             (
                 format!("extra_{t}"),
                 t.as_str(),
                 &["--include-ignored"][..],
                 None,
+                None,
             )
         }));
-    for (step, target, args, before) in all {
+    for (step, target, args, before, after) in all {
         let bin = newest_test_binary(deps, target).ok_or_else(|| {
             format!(
                 "no built {target} test binary in {}: cargo test builds every test target first",
@@ -180,6 +213,10 @@ fn guest_script() -> Result<String, String> {
         }
         let cmd = match before {
             Some(b) => format!("{b} && {cmd}"),
+            None => cmd,
+        };
+        let cmd = match after {
+            Some(a) => format!("{cmd}; rc=$?; {a}; exit $rc"),
             None => cmd,
         };
         s += &format!("vmlab_step {step} bash -c {}\n", sh_quote(&cmd));
@@ -467,6 +504,25 @@ fn bridge_suite_passes_on_6_1_with_br_netfilter() {
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn awsvpc_suite_passes_on_6_1() {
     assert_suite_passed("awsvpc");
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn branch_eni_suite_passes_on_6_1() {
+    assert_suite_passed("branch");
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn branch_enis_are_refused_clearly_on_6_1_without_8021q() {
+    assert_suite_passed("branch_without_8021q");
+    let Some(run) = run() else { return };
+    let s = step(run, "branch_without_8021q");
+    assert!(
+        summary(&s.output).contains(" 1 passed"),
+        "the test did not run: {}",
+        summary(&s.output)
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! is replaced by rename, so this never waits on a running hook nor sees half a file.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -52,10 +52,12 @@ pub fn entries(
         {
             continue;
         }
+        // An awsvpc task's own address: its IPv4 one, else (an IPv6-only ENI) its IPv6 one.
+        let task_ip: Option<IpAddr> = c.ip.map(IpAddr::V4).or(c.ip6.map(IpAddr::V6));
         for p in &c.ports {
             let (target_ip, target_port) = match c.mode {
                 NetworkMode::Awsvpc => (
-                    c.ip.map(|i| i.to_string()).unwrap_or_default(),
+                    task_ip.map(|i| i.to_string()).unwrap_or_default(),
                     p.container_port,
                 ),
                 _ => (p.host_ip.unwrap_or(host_ip).to_string(), p.host_port),
@@ -70,11 +72,14 @@ pub fn entries(
                 host_port: p.host_port,
                 // An awsvpc task listens on its own ENI address.
                 bind_ip: match c.mode {
-                    NetworkMode::Awsvpc => c.ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
-                    _ => p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+                    NetworkMode::Awsvpc => task_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+                    _ => IpAddr::V4(p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED)),
                 }
                 .to_string(),
-                container_ip: c.ip.map(|i| i.to_string()),
+                container_ip: match c.mode {
+                    NetworkMode::Awsvpc => task_ip.map(|i| i.to_string()),
+                    _ => c.ip.map(|i| i.to_string()),
+                },
                 target_ip,
                 target_port,
                 name: p.name.clone(),
@@ -253,16 +258,16 @@ fn table_with_hosts(rows: &[PortEntry], hosts: Option<&[&str]>) -> String {
             r.protocol.clone(),
             format!(
                 "{}:{}{}",
-                r.bind_ip,
+                lb::bracket(&r.bind_ip),
                 r.host_port,
                 if r.dynamic { "*" } else { "" }
             ),
             format!(
                 "{}:{}",
-                r.container_ip.as_deref().unwrap_or("-"),
+                lb::bracket(r.container_ip.as_deref().unwrap_or("-")),
                 r.container_port
             ),
-            format!("{}:{}", r.target_ip, r.target_port),
+            format!("{}:{}", lb::bracket(&r.target_ip), r.target_port),
             r.state.as_str().to_string(),
         ]);
     }

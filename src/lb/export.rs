@@ -97,7 +97,11 @@ pub fn file_sd(entries: &[PortEntry]) -> String {
             }
             (Vec::new(), Value::Object(labels))
         });
-        g.0.push(format!("{}:{}", e.target_ip, e.target_port));
+        g.0.push(format!(
+            "{}:{}",
+            super::bracket(&e.target_ip),
+            e.target_port
+        ));
     }
     let rows: Vec<Value> = groups
         .into_values()
@@ -265,6 +269,25 @@ mod tests {
             ])
         );
         assert_eq!(file_sd(&[]), "[]");
+    }
+
+    #[test]
+    fn an_ipv6_only_task_is_targeted_by_its_ipv6_address() {
+        let mut st = testdata::state();
+        let t = st.containers.get_mut("api-1").expect("api-1");
+        t.ip = None;
+        t.ip6 = Some("2001:db8:1::23".parse().expect("v6"));
+        let e = entries(&st, Ipv4Addr::new(192, 0, 2, 2), Some("api-1"), None);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].target_ip, "2001:db8:1::23");
+        assert_eq!(e[0].bind_ip, "2001:db8:1::23");
+        assert_eq!(e[0].container_ip.as_deref(), Some("2001:db8:1::23"));
+        let v: Value = serde_json::from_str(&file_sd(&e)).unwrap();
+        assert_eq!(v[0]["targets"], json!(["[2001:db8:1::23]:443"]));
+        let v: Value = serde_json::from_str(&elbv2(&e, "i-0abc")).unwrap();
+        assert_eq!(v, json!([{"Id": "2001:db8:1::23", "Port": 443}]));
+        // The HAProxy, nginx and etcd sinks carry IPv4 targets only.
+        assert!(targets(&e).is_empty());
     }
 
     #[test]

@@ -21,6 +21,16 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use crate::commands::ports::PortEntry;
 use crate::state::LbState;
 
+/// An address as the host part of `host:port`: an IPv6 address in brackets, anything else as
+/// it is.
+pub fn bracket(ip: &str) -> std::borrow::Cow<'_, str> {
+    if ip.contains(':') {
+        format!("[{ip}]").into()
+    } else {
+        ip.into()
+    }
+}
+
 /// Whether a name may go into a load-balancer format: `[A-Za-z0-9_.-]{1,64}`. Such a name
 /// cannot break out of an HAProxy command, an nginx directive or a JSON string.
 pub fn safe_name(s: &str) -> bool {

@@ -13,6 +13,8 @@ use crate::types::{Attachment, MacAddr};
 
 /// Most addresses of one family an ENI request may list.
 const MAX_ADDRESSES: usize = 256;
+/// The smallest MTU a link carrying IPv6 may have (RFC 8200).
+const IPV6_MIN_MTU: u32 = 1280;
 
 /// A branch ENI's place on its trunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +104,14 @@ impl EniSpec {
                     )));
                 }
             }
+        }
+        if let Some(mtu) = self.mtu
+            && !self.ipv6.is_empty()
+            && mtu < IPV6_MIN_MTU
+        {
+            return Err(err(format!(
+                "mtu {mtu} is below {IPV6_MIN_MTU}, the least IPv6 allows (the kernel turns IPv6 off on such a link): raise mtu or drop ipv6Addresses"
+            )));
         }
         if let Some(gw) = self.gateway6 {
             if gw.is_multicast() || gw.is_unspecified() || gw.is_loopback() {
@@ -203,6 +213,10 @@ fn parse_vlan(v: &Value) -> Result<u16, RequestError> {
 struct BranchParts {
     trunk: Option<MacAddr>,
     vlan: Option<u16>,
+    /// `attachment` as given, to catch one that contradicts `interfaceAssociationProtocol`.
+    attachment: Option<Attachment>,
+    /// `interfaceAssociationProtocol: "vlan"` was given.
+    vlan_protocol: bool,
 }
 
 fn parse_vlan_properties(v: &Value, b: &mut BranchParts) -> Result<(), RequestError> {
@@ -279,18 +293,23 @@ fn parse_key(
             })
         }
         "attachment" => {
-            spec.attachment = v.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+            let a: Attachment = v.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
                 err(format!(
                     "attachment must be \"exclusive\", \"shared\" or \"branch\", got {}",
                     short(v)
                 ))
-            })?
+            })?;
+            spec.attachment = a;
+            b.attachment = Some(a);
         }
         "trunkMacAddress" => b.trunk = Some(parse_mac_value(k, v)?),
         "vlanId" => b.vlan = Some(parse_vlan(v)?),
         "interfaceVlanProperties" => parse_vlan_properties(v, b)?,
         "interfaceAssociationProtocol" => match v.as_str() {
-            Some("vlan") => spec.attachment = Attachment::Branch,
+            Some("vlan") => {
+                spec.attachment = Attachment::Branch;
+                b.vlan_protocol = true;
+            }
             Some("default") => {}
             _ => {
                 return Err(err(format!(
@@ -345,6 +364,14 @@ pub fn parse_eni(s: &str) -> Result<EniSpec, RequestError> {
 }
 
 fn finish_branch(spec: &EniSpec, b: BranchParts) -> Result<Option<BranchSpec>, RequestError> {
+    if let Some(a) = b
+        .attachment
+        .filter(|a| b.vlan_protocol && *a != Attachment::Branch)
+    {
+        return Err(err(format!(
+            "interfaceAssociationProtocol \"vlan\" makes a branch ENI, but attachment is {a}: remove one of them"
+        )));
+    }
     match (spec.attachment, b.trunk, b.vlan) {
         (Attachment::Branch, Some(trunk_mac), Some(vlan)) => {
             if trunk_mac == spec.mac {
@@ -462,6 +489,31 @@ mod tests {
     }
 
     #[test]
+    fn an_mtu_too_small_for_ipv6_is_refused_only_with_ipv6() {
+        let e = parse_eni(
+            r#"{"macAddress":"02:00:00:00:00:01","ipv6Addresses":["2001:db8::5/64"],"mtu":1279}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "annotation netshim.eni: mtu 1279 is below 1280, the least IPv6 allows (the kernel turns IPv6 off on such a link): raise mtu or drop ipv6Addresses"
+        );
+        assert!(
+            parse_eni(
+                r#"{"macAddress":"02:00:00:00:00:01","ipv6Addresses":["2001:db8::5/64"],"mtu":1280}"#
+            )
+            .is_ok()
+        );
+        assert!(
+            parse_eni(
+                r#"{"macAddress":"02:00:00:00:00:01","ipv4Addresses":["10.0.1.5/24"],"mtu":576}"#
+            )
+            .is_ok(),
+            "an IPv4-only ENI may have a small MTU"
+        );
+    }
+
+    #[test]
     fn branch_enis_carry_their_trunk_and_vlan() {
         let b = parse_eni(r#"{"macAddress":"02:00:00:00:01:05","attachment":"branch","trunkMacAddress":"02:00:00:00:01:00","vlanId":105,"ipv4Addresses":["10.0.1.40/24"]}"#).unwrap();
         assert_eq!(
@@ -475,6 +527,9 @@ mod tests {
         let ecs = parse_eni(r#"{"macAddress":"02:00:00:00:01:05","interfaceAssociationProtocol":"vlan","interfaceVlanProperties":{"vlanId":"105","trunkInterfaceMacAddress":"02:00:00:00:01:00"},"ipv4Addresses":["10.0.1.40/24"]}"#).unwrap();
         assert_eq!(ecs.attachment, Attachment::Branch);
         assert_eq!(ecs.branch, b.branch);
+        // Both ways of saying "branch" at once agree.
+        let both = parse_eni(r#"{"macAddress":"02:00:00:00:01:05","attachment":"branch","interfaceAssociationProtocol":"vlan","interfaceVlanProperties":{"vlanId":105,"trunkInterfaceMacAddress":"02:00:00:00:01:00"},"ipv4Addresses":["10.0.1.40/24"]}"#).unwrap();
+        assert_eq!(both.branch, b.branch);
         for (bad, needle) in [
             (
                 r#"{"macAddress":"02:00:00:00:01:05","attachment":"branch","vlanId":5}"#,
@@ -499,6 +554,14 @@ mod tests {
             (
                 r#"{"macAddress":"02:00:00:00:01:00","attachment":"branch","trunkMacAddress":"02:00:00:00:01:00","vlanId":5}"#,
                 "macAddress is the trunk's",
+            ),
+            (
+                r#"{"macAddress":"02:00:00:00:01:05","attachment":"shared","interfaceAssociationProtocol":"vlan","interfaceVlanProperties":{"vlanId":5,"trunkInterfaceMacAddress":"02:00:00:00:01:00"},"ipv4Addresses":["10.0.1.40/24"]}"#,
+                "interfaceAssociationProtocol \"vlan\" makes a branch ENI, but attachment is shared",
+            ),
+            (
+                r#"{"interfaceAssociationProtocol":"vlan","attachment":"exclusive","macAddress":"02:00:00:00:01:05","interfaceVlanProperties":{"vlanId":5,"trunkInterfaceMacAddress":"02:00:00:00:01:00"}}"#,
+                "but attachment is exclusive",
             ),
         ] {
             let e = parse_eni(bad).unwrap_err().to_string();

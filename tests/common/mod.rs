@@ -25,7 +25,7 @@ pub mod vpc;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -559,6 +559,74 @@ pub fn tcp_get(ns: &str, addr: Ipv4Addr, port: u16, patience: Duration) -> Resul
                 },
             );
             match r {
+                Ok(s) if !s.is_empty() => return Ok(s),
+                Ok(_) if Instant::now() >= deadline => return Err("empty reply".into()),
+                Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
+                _ => thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+}
+
+/// A TCP server in netns `ns` bound to `addr` (either family; `[::]` takes IPv4 too) answering
+/// every connection with `reply`. Binding right after setup proves the address is usable (an
+/// IPv6 address still in duplicate address detection cannot be bound).
+pub fn tcp_server_on(ns: &str, addr: SocketAddr, reply: &str) {
+    let reply = reply.to_string();
+    let l = in_ns(ns, move || {
+        TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"))
+    });
+    thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut s = s;
+            let _ = s.write_all(reply.as_bytes());
+        }
+    });
+}
+
+/// One connection from the calling thread's netns to `dst:port`, from source address `src`
+/// when given, reading the greeting; the connect gives up after 700 ms.
+fn tcp_once(src: Option<IpAddr>, dst: SocketAddr) -> std::io::Result<String> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket,
+        sockopt,
+    };
+    use nix::sys::time::TimeVal;
+    let fam = if dst.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(fam, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    // On Linux the send timeout bounds connect() too.
+    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(0, 700_000))?;
+    if let Some(s) = src {
+        bind(
+            fd.as_raw_fd(),
+            &SockaddrStorage::from(SocketAddr::new(s, 0)),
+        )?;
+    }
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))?;
+    let mut s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Connects from netns `ns` to `dst:port` (either family), from `src` when given, and reads the
+/// greeting; retries until `patience`.
+pub fn tcp_get_ip(
+    ns: &str,
+    src: Option<IpAddr>,
+    dst: IpAddr,
+    port: u16,
+    patience: Duration,
+) -> Result<String, String> {
+    in_ns(ns, move || {
+        let deadline = Instant::now() + patience;
+        loop {
+            match tcp_once(src, SocketAddr::new(dst, port)) {
                 Ok(s) if !s.is_empty() => return Ok(s),
                 Ok(_) if Instant::now() >= deadline => return Err("empty reply".into()),
                 Err(e) if Instant::now() >= deadline => return Err(e.to_string()),

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::ops::{Deref, DerefMut};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,11 @@ pub const PEER2_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 51);
 /// The metadata addresses tasks must not reach (AWS, Alibaba).
 pub const AWS_METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 pub const ALIBABA_METADATA: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 200);
+/// The subnet's IPv6 prefix (2001:db8:1::/64) after [`VpcNet::enable_ipv6`]: the gateway, a
+/// second address of the VPC router (another source), and AWS's IPv6 metadata address.
+pub const SUBNET_GW6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+pub const VPC_OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+pub const AWS_METADATA6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
 
 /// An interface standing in for an ENI: a veth whose host end is `name` (in H) with `mac`, and
 /// whose other end `vpc_end` is a port of the subnet switch in V.
@@ -107,6 +112,35 @@ impl VpcNet {
         );
         net.peer = net.add_peer(PEER_IP);
         net
+    }
+
+    /// IPv6 on the subnet switch: the gateway [`SUBNET_GW6`] and [`VPC_OTHER6`] (2001:db8:1::/64)
+    /// and the metadata address [`AWS_METADATA6`], all without duplicate address detection, each
+    /// answering on port 80 with "vpc6 <address>".
+    pub fn enable_ipv6(&self) {
+        for a in [
+            format!("{SUBNET_GW6}/64"),
+            format!("{VPC_OTHER6}/64"),
+            format!("{AWS_METADATA6}/128"),
+        ] {
+            ip(&[
+                "-n",
+                &self.ns,
+                "addr",
+                "add",
+                &a,
+                "dev",
+                &self.switch,
+                "nodad",
+            ]);
+        }
+        for a in [SUBNET_GW6, AWS_METADATA6] {
+            tcp_server_on(
+                &self.ns,
+                SocketAddr::new(IpAddr::V6(a), 80),
+                &format!("vpc6 {a}"),
+            );
+        }
     }
 
     /// Another machine on the subnet at `addr`/24 (default route via the subnet gateway).
@@ -377,6 +411,25 @@ pub fn eni_spec(mac: &str, ips: &[&str], attachment: &str) -> Value {
     })
 }
 
+/// An exclusive ENI spec with IPv4 addresses `v4` (gateway [`SUBNET_GW`] when any) and IPv6
+/// addresses `v6` (gateway [`SUBNET_GW6`] when any).
+pub fn eni_spec_dual(mac: &str, v4: &[&str], v6: &[&str], attachment: &str) -> Value {
+    let mut v = json!({
+        "macAddress": mac,
+        "ipv4Addresses": v4,
+        "ipv6Addresses": v6,
+        "mtu": 1500,
+        "attachment": attachment,
+    });
+    if !v4.is_empty() {
+        v["subnetGatewayIpv4Address"] = json!(SUBNET_GW.to_string());
+    }
+    if !v6.is_empty() {
+        v["subnetGatewayIpv6Address"] = json!(SUBNET_GW6.to_string());
+    }
+    v
+}
+
 pub fn exclusive(eni: &Eni, ips: &[&str]) -> String {
     eni_spec(&eni.mac, ips, "exclusive").to_string()
 }
@@ -487,6 +540,25 @@ pub fn default_route(ns: &str) -> Option<(String, String)> {
     let r = ip_json(ns, &["-4", "route", "show", "default"])?;
     let r = r.get(0)?;
     Some((r["gateway"].as_str()?.into(), r["dev"].as_str()?.into()))
+}
+
+/// The IPv6 default route as (gateway, dev).
+pub fn default_route6(ns: &str) -> Option<(String, String)> {
+    let r = ip_json(ns, &["-6", "route", "show", "default"])?;
+    let r = r.get(0)?;
+    Some((r["gateway"].as_str()?.into(), r["dev"].as_str()?.into()))
+}
+
+/// The IPv6 addresses on `dev` with global scope, as `ip -j` reports them (flags included).
+pub fn global_addrs6(ns: &str, dev: &str) -> Vec<Value> {
+    ip_json(ns, &["-6", "addr", "show", "dev", dev, "scope", "global"])
+        .and_then(|v| v.get(0).cloned())
+        .and_then(|l| l["addr_info"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        // `ip -j` leaves an empty object for each address the scope filter dropped.
+        .filter(|a| a.get("local").is_some())
+        .collect()
 }
 
 /// The ENI is back in host namespace `host` under its own name, with its MAC, down, with no

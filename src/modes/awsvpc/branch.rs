@@ -60,6 +60,16 @@ pub fn plan(
             eni.mac
         );
     }
+    if let (Some(want), Some(most)) = (eni.mtu, trunk.mtu)
+        && want > most
+    {
+        bail!(
+            "branch ENI {} asks for MTU {want}, more than its trunk {} ({}) carries ({most}): a VLAN's MTU is at most its trunk's; lower mtu or raise the trunk's",
+            eni.mac,
+            b.trunk_mac,
+            trunk.name
+        );
+    }
     let ip = eni.ipv4.first().map(|n| n.ip());
     let ip6 = eni.ipv6.first().map(|n| n.ip());
     if ip.is_none() && ip6.is_none() {
@@ -103,6 +113,7 @@ pub fn apply(
         k.pin_netns(c.pid, pin)
             .with_context(|| format!("pin the task's netns at {}", pin.display()))?;
         pinned = true;
+        crate::fault::point("branch-pinned");
         if !trunk.up {
             k.set_link(
                 At::Host,
@@ -117,6 +128,7 @@ pub fn apply(
         }
         k.add_vlan(trunk.index, vlan, eni.mac, TASK_IF, c.ns)
             .map_err(|e| vlan_error(e, vlan, &trunk.name))?;
+        crate::fault::point("branch-created");
         configure(k, c.ns, eni).context("configure the branch ENI in the task")
     })();
     let Err(e) = r else { return Ok(()) };
@@ -148,7 +160,10 @@ fn vlan_error(e: crate::kernel::NlError, vlan: u16, trunk: &str) -> anyhow::Erro
         Some(libc::EEXIST) => anyhow!(
             "create VLAN {vlan} on trunk {trunk}: already in use on that trunk (each branch ENI has its own VLAN id)"
         ),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOENT) | Some(libc::EINVAL) => anyhow!(
+        Some(libc::EOPNOTSUPP) => anyhow!(
+            "create VLAN {vlan} on trunk {trunk}: this kernel has no 802.1Q VLAN support ({e}): load it with `modprobe 8021q`, or give the task an exclusive ENI"
+        ),
+        Some(libc::ENOENT) | Some(libc::EINVAL) => anyhow!(
             "create VLAN {vlan} on trunk {trunk}: {e}: is 802.1Q available (modprobe 8021q)?"
         ),
         _ => anyhow!("create VLAN {vlan} on trunk {trunk}: {e}"),
