@@ -3,6 +3,7 @@
 mod alloc;
 mod commands;
 mod config;
+mod fastargs;
 mod fault;
 mod firewall;
 mod kernel;
@@ -35,7 +36,7 @@ struct Cli {
     #[arg(
         long,
         env = "NETSHIM_STATE_DIR",
-        default_value = "/run/netshim",
+        default_value = fastargs::DEFAULT_STATE_DIR,
         global = true
     )]
     state_dir: PathBuf,
@@ -182,10 +183,20 @@ fn usage_error(e: clap::Error) -> ExitCode {
 fn main() -> ExitCode {
     trace::init();
     fault::list_if_asked();
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some((g, stage)) = fastargs::hook(
+        &args,
+        std::env::var_os("NETSHIM_STATE_DIR"),
+        std::env::var_os("NETSHIM_CONFIG"),
+    ) {
+        trace::mark("args");
+        return finish(commands::hook::run(&g, stage));
+    }
+    let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };
+    trace::mark("args");
     let g = Globals {
         state_dir: cli.state_dir,
         config: cli.config,
@@ -262,6 +273,11 @@ fn main() -> ExitCode {
         Cmd::Reload => commands::gc::reload(&g),
         Cmd::Reset { force } => commands::gc::reset(&g, force),
     };
+    finish(r)
+}
+
+/// The exit of a command: 0, or its one `shim:` line and its code.
+fn finish(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<commands::Exit>().is_some() => {
@@ -286,4 +302,100 @@ fn seconds(s: f64) -> std::time::Duration {
     } else {
         0.0
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn argv(s: &str) -> Vec<OsString> {
+        s.split(' ').map(OsString::from).collect()
+    }
+
+    /// What clap makes of a command line, in the fast reader's terms (`None`: not a hook call,
+    /// or refused).
+    fn by_clap(args: &[OsString]) -> Option<(PathBuf, Option<PathBuf>, String)> {
+        let cli = Cli::try_parse_from(args).ok()?;
+        match cli.cmd {
+            Cmd::Hook { stage } => Some((cli.state_dir, cli.config, format!("{stage:?}"))),
+            _ => None,
+        }
+    }
+
+    fn by_fast(args: &[OsString]) -> Option<(PathBuf, Option<PathBuf>, String)> {
+        let (g, stage) = fastargs::hook(
+            args,
+            std::env::var_os("NETSHIM_STATE_DIR"),
+            std::env::var_os("NETSHIM_CONFIG"),
+        )?;
+        Some((g.state_dir, g.config, format!("{stage:?}")))
+    }
+
+    #[test]
+    fn the_fast_hook_reader_agrees_with_clap_on_every_line_it_takes() {
+        let taken = [
+            "shim hook createRuntime",
+            "shim hook prestart",
+            "shim hook poststop",
+            "shim hook createContainer",
+            "shim hook startContainer",
+            "shim hook poststart",
+            "shim --state-dir /tmp/s hook prestart",
+            "shim --state-dir=/tmp/s hook poststop",
+            "shim --config /etc/x.toml hook createRuntime",
+            "shim --config=/etc/x.toml --state-dir /d hook prestart",
+            "shim hook --state-dir /d prestart",
+            "shim hook prestart --config /c",
+        ];
+        for line in taken {
+            let a = argv(line);
+            let fast = by_fast(&a);
+            assert!(fast.is_some(), "{line}: the fast reader should take it");
+            assert_eq!(fast, by_clap(&a), "{line}");
+        }
+        // Everything else goes to clap (which may take it or refuse it).
+        let left = [
+            "shim",
+            "shim hook",
+            "shim hook frob",
+            "shim hook Prestart",
+            "shim hook prestart extra",
+            "shim ports list",
+            "shim gc",
+            "shim --version",
+            "shim hook --help",
+            "shim -h hook prestart",
+            "shim --state-dir hook prestart",
+            "shim --state-dir= hook prestart",
+            "shim --state-dir -x hook prestart",
+            "shim --state-dir /a --state-dir /b hook prestart",
+            "shim --state-dirx /a hook prestart",
+            "shim --configx hook prestart",
+            "shim --config",
+            "shim -- hook prestart",
+            "shim prestart hook",
+        ];
+        for line in left {
+            assert_eq!(by_fast(&argv(line)), None, "{line}: must go to clap");
+        }
+    }
+
+    #[test]
+    fn the_flags_override_the_environment_and_empty_values_go_to_clap() {
+        let a = argv("shim hook prestart");
+        let s = |v: &str| Some(OsString::from(v));
+        let (g, _) = fastargs::hook(&a, s("/env/s"), s("/env/c")).unwrap();
+        assert_eq!(g.state_dir, PathBuf::from("/env/s"));
+        assert_eq!(g.config, Some(PathBuf::from("/env/c")));
+        let b = argv("shim --state-dir /flag hook prestart --config /flagc");
+        let (g, _) = fastargs::hook(&b, s("/env/s"), s("/env/c")).unwrap();
+        assert_eq!(g.state_dir, PathBuf::from("/flag"));
+        assert_eq!(g.config, Some(PathBuf::from("/flagc")));
+        let (g, _) = fastargs::hook(&a, None, None).unwrap();
+        assert_eq!(g.state_dir, PathBuf::from(fastargs::DEFAULT_STATE_DIR));
+        assert_eq!(g.config, None);
+        assert!(fastargs::hook(&a, s(""), None).is_none());
+        assert!(fastargs::hook(&a, None, s("")).is_none());
+    }
 }
