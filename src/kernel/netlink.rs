@@ -28,6 +28,11 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+
+/// Room for one datagram of answers. Kept as spare capacity, never zeroed: `recv` writes into it,
+/// so only the pages an answer fills become resident (a setup's few short answers touch one or
+/// two pages instead of sixteen per socket).
+pub const RECV_BUF: usize = 64 * 1024;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 /// Interface alias attribute (linux/if_link.h).
@@ -77,7 +82,7 @@ impl Netlink {
         Ok(Netlink {
             sock,
             seq: 0,
-            buf: vec![0; 64 * 1024],
+            buf: Vec::with_capacity(RECV_BUF),
         })
     }
 
@@ -110,7 +115,9 @@ impl Netlink {
         // Non-dump requests carry NLM_F_ACK: their answer (if any) is followed by the ack.
         let mut out = Vec::new();
         loop {
-            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            self.buf.clear();
+            self.sock.recv(&mut self.buf, 0)?;
+            let n = self.buf.len();
             let mut off = 0;
             while off < n {
                 let len = NetlinkBuffer::new_checked(&self.buf[off..n])

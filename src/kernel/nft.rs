@@ -691,7 +691,7 @@ impl Nft {
         Ok(Nft {
             sock,
             seq,
-            buf: vec![0; 64 * 1024],
+            buf: Vec::with_capacity(crate::kernel::netlink::RECV_BUF),
         })
     }
 
@@ -888,8 +888,9 @@ impl Nft {
 
     /// Reads one datagram of answers.
     fn recv(&mut self, what: &str) -> Result<Vec<Answer>, NftError> {
-        let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
-            Ok(n) => n,
+        self.buf.clear();
+        let n = match self.sock.recv(&mut self.buf, 0) {
+            Ok(_) => self.buf.len(),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Err(NftError {
                     errno: Some(libc::ETIMEDOUT),
