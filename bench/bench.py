@@ -1086,19 +1086,22 @@ class Bench:
     def process_start(self, reps):
         """task-clock and page faults of starting a process: perf stat, else wait4's rusage."""
         self.stacks[0].enter()
+        # `shim hook poststart` on an empty stdin: the whole start of a hook call (arguments,
+        # stdin, the OCI state refused in one line), without the work of a setup.
         cmds = [("/bin/true", ["/bin/true"]), ("shim --version", [self.shim, "--version"]),
+                ("shim hook poststart </dev/null", [self.shim, "hook", "poststart"]),
                 ("nft --version", ["nft", "--version"])]
         perf = shutil.which("perf") and run(["perf", "stat", "-x,", "-e", "task-clock", "true"],
                                             check=False).returncode == 0
         for name, argv in cmds:
             if perf:
                 r = run(["perf", "stat", "-r", str(reps), "-x,", "-e", "task-clock,page-faults",
-                         "--"] + argv)
+                         "--"] + argv, check=False, env={"PATH": PATH})
                 v = {f[2]: float(f[0]) for f in (x.split(",") for x in
                                                  r.stderr.decode().splitlines()) if len(f) > 3}
                 self.start[name] = (v["task-clock"], v["page-faults"])
             else:
-                rus = [spawn(argv)[3] for _ in range(reps)]
+                rus = [spawn(argv, env={"PATH": PATH})[3] for _ in range(reps)]
                 self.start[name] = (med((u.ru_utime + u.ru_stime) * 1000 for u in rus),
                                     med(u.ru_minflt + u.ru_majflt for u in rus))
         self.start_how = (f"`perf stat -r {reps} -e task-clock,page-faults`" if perf else
