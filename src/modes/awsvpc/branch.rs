@@ -129,7 +129,8 @@ pub fn apply(
         k.add_vlan(trunk.index, vlan, eni.mac, TASK_IF, c.ns)
             .map_err(|e| vlan_error(e, vlan, &trunk.name))?;
         crate::fault::point("branch-created");
-        configure(k, c.ns, eni).context("configure the branch ENI in the task")
+        configure(k, c.ns, eni).context("configure the branch ENI in the task")?;
+        super::firewall(k, c)
     })();
     let Err(e) = r else { return Ok(()) };
     let mut left = ReleaseErrors::default();

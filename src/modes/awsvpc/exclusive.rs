@@ -94,7 +94,8 @@ fn steps(
         .with_context(|| format!("move {} into the task's netns as {TASK_IF}", link.name))?;
     done.moved = true;
     crate::fault::point("awsvpc-moved");
-    configure(k, c.ns, eni).context("configure the ENI in the task")
+    configure(k, c.ns, eni).context("configure the ENI in the task")?;
+    super::firewall(k, c)
 }
 
 /// Inside the task: `lo` up, the interface with `eni`'s MTU, addresses, state and gateways.

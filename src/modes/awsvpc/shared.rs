@@ -248,7 +248,8 @@ fn steps(
     .with_context(|| format!("host route to {ip}"))?;
     k.add_rule(ip, table, RULE_PRIORITY)
         .with_context(|| format!("rule from {ip} lookup {table}"))?;
-    task_side(k, c, eni, ip).context("configure the task's side")
+    task_side(k, c, eni, ip).context("configure the task's side")?;
+    super::firewall(k, c)
 }
 
 /// Inside the task: `lo` and `eth0` up, the /32, the link-local gateway and its neighbour entry.
