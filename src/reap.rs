@@ -4,9 +4,8 @@
 
 use crate::config::Config;
 use crate::kernel::{At, Kernel, netns};
-use crate::modes::awsvpc::shared::VETH_PREFIX as SHARED_PREFIX;
-use crate::modes::bridge::{VETH_PREFIX, is_our_name};
 use crate::modes::{self, ReleaseErrors};
+use crate::names::{BRIDGE_VETH_PREFIX, SHARED_VETH_PREFIX, is_our_name, owner_alias};
 use crate::state::{ContainerRecord, Lock, State, StateDir, StateError};
 use crate::types::NetworkMode;
 
@@ -126,16 +125,11 @@ pub fn stray_links(
         .iter()
         .filter(|l| !known.contains(&l.name.as_str()))
         .filter(|l| {
-            (is_our_name(VETH_PREFIX, &l.name) && bridge.is_some() && l.master == bridge)
-                || (is_our_name(SHARED_PREFIX, &l.name)
+            (is_our_name(BRIDGE_VETH_PREFIX, &l.name) && bridge.is_some() && l.master == bridge)
+                || (is_our_name(SHARED_VETH_PREFIX, &l.name)
                     && l.mac == shared_mac
                     && l.alias.as_deref() == Some(&owner_alias(cfg)))
         })
         .map(|l| l.name.clone())
         .collect())
-}
-
-/// The alias netshim gives the shared-ENI veths of this instance (its bridge names it).
-pub fn owner_alias(cfg: &Config) -> String {
-    format!("netshim:{}", cfg.bridge_name)
 }

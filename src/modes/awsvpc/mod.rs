@@ -16,7 +16,6 @@ pub mod eligible;
 pub mod exclusive;
 pub mod shared;
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -28,9 +27,6 @@ use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, task_firewall};
 use crate::request::{EniSpec, HostPorts, PortMapping};
 use crate::state::{ContainerRecord, PortRecord, State};
 use crate::types::{Attachment, MacAddr};
-
-/// Link alias of an ENI given to a task: this prefix and its name on the host.
-pub const ALIAS_PREFIX: &str = "netshim:";
 
 /// Fills in an ENI given by MAC alone from instance metadata (before the lock: a network wait).
 pub fn resolve(cfg: &AwsvpcConfig, mut eni: EniSpec) -> anyhow::Result<EniSpec> {
@@ -104,12 +100,6 @@ pub fn ports(mappings: &[PortMapping]) -> Vec<PortRecord> {
         }
     }
     out
-}
-
-/// Where an exclusive or branch task's netns is pinned: under the state dir, named by the id
-/// (container ids are checked to be safe file names).
-pub fn pin_path(state_dir: &Path, id: &str) -> PathBuf {
-    state_dir.join("netns").join(id)
 }
 
 /// Refuses at once, from the ledger alone, an ENI (or trunk) another task holds in a way that
