@@ -63,6 +63,9 @@ pub struct Fake {
     pub fail_after: usize,
     /// The errno the failing step answers (EPERM unless set).
     pub fail_errno: Option<i32>,
+    /// A second step that fails on every call (a setup failing at `fail_at` whose rollback
+    /// then fails too).
+    pub fail_also: Option<&'static str>,
     /// Each conntrack flush asked for.
     pub flushes: Vec<String>,
     /// Pins opened later, mapped onto their namespace.
@@ -102,6 +105,9 @@ impl Fake {
     /// Records the call and fails it if it is the chosen step.
     pub fn step(&mut self, name: &'static str) -> Result<(), NlError> {
         self.calls.push(name.into());
+        if self.fail_also == Some(name) {
+            return Err(errno(libc::EBUSY));
+        }
         if self.fail_at == Some(name) {
             if self.fail_after > 0 {
                 self.fail_after -= 1;

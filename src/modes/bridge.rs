@@ -646,6 +646,25 @@ mod tests {
     }
 
     #[test]
+    fn a_rollback_that_cannot_delete_the_veth_says_so_and_what_retries() {
+        let (mut st, mut k) = (State::default(), Fake::new());
+        k.fail_at = Some("configure");
+        k.fail_also = Some("del_link");
+        let (p, r) = setup(&mut k, &mut st, "a", TCP_UDP);
+        let msg = format!("{:#}", r.unwrap_err());
+        let veth = p.veth.unwrap();
+        assert!(
+            msg.contains(&format!(
+                "(rollback incomplete: delete link {veth}: Device or resource busy (os error 16); delete link netshim0: Device or resource busy (os error 16); `shim gc` retries)"
+            )),
+            "{msg}"
+        );
+        // The bridge this setup created is undone too (and fails alike); the rest still ran.
+        assert!(k.elements().is_empty(), "{:?}", k.elements());
+        assert!(k.reserved.is_empty(), "{:?}", k.reserved);
+    }
+
+    #[test]
     fn rollback_keeps_the_bridge_other_containers_use() {
         let (mut st, mut k) = (State::default(), Fake::new());
         let (p, r) = setup(&mut k, &mut st, "a", r#"[{"containerPort":80}]"#);
