@@ -185,8 +185,10 @@ impl Fake {
     }
 
     fn io_step(&mut self, name: &'static str) -> io::Result<()> {
-        self.step(name)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EPERM))
+        self.step(name).map_err(|e| match e {
+            NlError::Io(io) => io,
+            _ => io::Error::from_raw_os_error(libc::EPERM),
+        })
     }
 
     /// A namespace key for an open netns file.

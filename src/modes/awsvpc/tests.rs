@@ -437,3 +437,32 @@ fn branch_teardown_after_the_netns_died_only_releases_the_pin() {
         "the VLAN died with its netns"
     );
 }
+
+// ---- a rollback that cannot finish ------------------------------------------------------------
+
+#[test]
+fn an_incomplete_rollback_names_what_is_left_for_each_attachment() {
+    for (req, fail_also, want) in [
+        (
+            exclusive as fn() -> NetworkRequest,
+            "unpin",
+            "(rollback incomplete: release netns pin /run/netshim-kit/netns/a: Device or resource busy (os error 16); `shim gc` retries)",
+        ),
+        (shared, "del_link", "(rollback incomplete: delete veth nsa"),
+        (
+            branch,
+            "del_link_at",
+            "(rollback incomplete: delete branch ENI 02:00:00:00:00:33: Device or resource busy (os error 16); `shim gc` retries)",
+        ),
+    ] {
+        let mut kit = Kit::new();
+        let mut t = kit.task("a", req());
+        kit.plan(&mut t).unwrap();
+        kit.k.fail_call("nft_in", 1);
+        kit.k.fail_also = Some(fail_also);
+        let msg = format!("{:#}", kit.apply(&t).unwrap_err());
+        assert!(msg.starts_with("program the task's firewall: "), "{msg}");
+        assert!(msg.contains(want), "{fail_also}: {msg}");
+        assert!(msg.ends_with("; `shim gc` retries)"), "{msg}");
+    }
+}
