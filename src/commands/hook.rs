@@ -339,10 +339,33 @@ pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
     let mut state = sd.open(&lock)?;
     let mut k = HostKernel::new();
     reap::recover(&mut k, &sd, &lock, &mut state)?;
+    let Some((rec, veth)) = release_recorded(&mut k, &sd, &lock, &mut state, id)? else {
+        return Ok(());
+    };
+    drop(lock);
+    trace::mark("ledger");
+    if let Some(v) = veth {
+        delete_veth(&mut k, &rec, &v).with_context(|| {
+            format!("teardown of container {id}: delete veth {v} (`shim gc` deletes it later)")
+        })?;
+    }
+    Ok(())
+}
+
+/// Poststop under the lock: releases the record of `id` from the kernel and forgets it. Returns
+/// the record and, for a bridge container, the veth still to delete once the lock is released;
+/// `None` for an id netshim does not know. A release that fails keeps the record for `shim gc`.
+fn release_recorded(
+    k: &mut dyn Kernel,
+    sd: &StateDir,
+    lock: &Lock,
+    state: &mut State,
+    id: &str,
+) -> anyhow::Result<Option<(ContainerRecord, Option<String>)>> {
     let rec = state.record(id);
     state.io_result()?;
     let Some(rec) = rec else {
-        return Ok(());
+        return Ok(None);
     };
     // The kernel makes a veth deletion wait 20 ms or more for RCU grace periods. The bridge veth
     // is deleted after the ledger is committed and the lock released, so concurrent teardowns
@@ -354,26 +377,20 @@ pub fn teardown(g: &Globals, id: &str) -> anyhow::Result<()> {
         NetworkMode::Bridge => quick.veth.take(),
         _ => None,
     };
-    if let Err(errs) = modes::release(&mut k, &state, &quick) {
+    if let Err(errs) = modes::release(k, state, &quick) {
         // Keep the record so `shim gc` can finish the job.
         bail!("teardown of container {id}: {errs} (kept in the state; `shim gc` retries)");
     }
     fault::point("teardown-released");
-    sd.forget(&rec, &mut state, &lock)?;
+    sd.forget(&rec, state, lock)?;
     fault::point("teardown-forgotten");
-    drop(lock);
-    trace::mark("ledger");
-    if let Some(v) = veth {
-        delete_veth(&mut k, &rec, &v).with_context(|| {
-            format!("teardown of container {id}: delete veth {v} (`shim gc` deletes it later)")
-        })?;
-    }
-    Ok(())
+    Ok(Some((rec, veth)))
 }
 
 #[cfg(test)]
 mod tests {
-    //! The setup steps one by one, over the fake kernel and a state dir of their own (no root).
+    //! The setup and teardown steps one by one, over the fake kernel and a state dir of their
+    //! own (no root).
 
     use super::*;
     use crate::kernel::fake::{Fake, netns as fake_netns};
@@ -681,5 +698,69 @@ mod tests {
         );
         assert!(msg.ends_with("(`shim gc` retries)"), "{msg}");
         assert!(w.state.record("a").is_some(), "kept for `shim gc`");
+    }
+
+    #[test]
+    fn release_recorded_ignores_an_unknown_id() {
+        let mut w = World::new("td-unknown");
+        let r = release_recorded(&mut w.k, &w.sd, &w.lock, &mut w.state, "nope").unwrap();
+        assert!(r.is_none());
+        assert!(w.k.calls.is_empty(), "{:?}", w.k.calls);
+    }
+
+    #[test]
+    fn release_recorded_forgets_the_record_and_leaves_the_veth_for_after_the_lock() {
+        let mut w = World::new("td-bridge");
+        let req = bridge_req(r#"[{"containerPort":80}]"#);
+        w.attempt("a", &req, DEAD_PID).unwrap();
+        let veth = w.state.record("a").unwrap().veth.unwrap();
+        assert!(!w.k.elements().is_empty());
+        let (rec, left) = release_recorded(&mut w.k, &w.sd, &w.lock, &mut w.state, "a")
+            .unwrap()
+            .expect("known");
+        assert_eq!(rec.id, "a");
+        assert_eq!(left.as_deref(), Some(veth.as_str()));
+        assert!(w.state.record("a").is_none(), "forgotten");
+        assert!(w.k.elements().is_empty(), "{:?}", w.k.elements());
+        assert!(
+            w.k.host_link(&veth).is_some(),
+            "deleted only after the lock"
+        );
+    }
+
+    #[test]
+    fn a_failed_release_keeps_the_record_for_gc() {
+        let mut w = World::new("td-fail");
+        let req = bridge_req(r#"[{"containerPort":80}]"#);
+        w.attempt("a", &req, DEAD_PID).unwrap();
+        w.k.fail_at = Some("nft");
+        let msg = release_recorded(&mut w.k, &w.sd, &w.lock, &mut w.state, "a")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("teardown of container a: "), "{msg}");
+        assert!(
+            msg.ends_with("(kept in the state; `shim gc` retries)"),
+            "{msg}"
+        );
+        assert!(w.state.record("a").is_some());
+    }
+
+    #[test]
+    fn delete_veth_leaves_a_dead_containers_veth_to_the_kernel_and_deletes_a_live_ones() {
+        let mut w = World::new("td-veth");
+        let req = bridge_req(r#"[{"containerPort":80}]"#);
+        w.attempt("a", &req, DEAD_PID).unwrap();
+        let rec = w.state.record("a").unwrap();
+        let veth = rec.veth.clone().unwrap();
+        // Dead, its netns pinned by no mount: the kernel takes the pair with the netns.
+        w.k.calls.clear();
+        delete_veth(&mut w.k, &rec, &veth).unwrap();
+        assert!(w.k.calls.is_empty(), "no link request: {:?}", w.k.calls);
+        // Alive (this process, in its own netns): deleted here.
+        let mut live = rec.clone();
+        live.pid = Some(std::process::id() as i32);
+        live.netns_inode = Some(netns::self_inode().unwrap());
+        delete_veth(&mut w.k, &live, &veth).unwrap();
+        assert!(w.k.host_link(&veth).is_none());
     }
 }
