@@ -804,12 +804,28 @@ mod tests {
         };
         let out = chain_rules("output");
         assert_eq!(out.len(), 2);
+        // IPv4: both metadata addresses dropped; IPv6: fd00:ec2::254 dropped.
+        let v4: Vec<crate::kernel::nft::Field> = METADATA_V4
+            .iter()
+            .map(|a| crate::kernel::nft::Field::Ipv4(*a))
+            .collect();
         assert!(
             out[0]
                 .exprs
                 .iter()
-                .any(|e| matches!(e, Expr::LookupAnon { elements, .. } if elements.len() == 2))
+                .any(|e| matches!(e, Expr::LookupAnon { elements, .. } if *elements == v4)),
+            "{:?}",
+            out[0]
         );
+        let v6 = ip6_daddr(METADATA_V6);
+        assert!(
+            out[1].exprs.windows(v6.len()).any(|w| w == v6.as_slice()),
+            "{:?}",
+            out[1]
+        );
+        for r in &out {
+            assert_eq!(r.exprs.last(), Some(&Expr::Verdict(Verdict::Drop)), "{r:?}");
+        }
         let input = chain_rules("input");
         // established, lo, two listed sources, then new connections dropped.
         assert_eq!(input.len(), 5);

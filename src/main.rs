@@ -10,6 +10,7 @@ mod kernel;
 mod lb;
 mod metadata;
 mod modes;
+mod names;
 mod oci;
 mod output;
 mod reap;

@@ -737,9 +737,12 @@ fn allowed_interfaces_limits_which_interfaces_may_be_given() {
     let out = vpc.setup(b, &exclusive(&e2, &["10.0.1.24/24"]), "", None);
     must_fail_with(&out, &[]);
     let err = stderr(&out);
+    let lower = err.to_lowercase();
     assert!(
-        err.contains(&e2.name) || err.contains(&e2.mac),
-        "the refusal names neither the interface nor its MAC: {err:?}"
+        lower.contains(&e2.name.to_lowercase())
+            && lower.contains(&e2.mac.to_lowercase())
+            && err.contains("not in awsvpc.allowed_interfaces"),
+        "the refusal names the interface, its MAC and why: {err:?}"
     );
     assert_untouched(&vpc, b, &e2, "after refusing an interface not allowed");
     vpc.must_setup(a, &exclusive(&e1, &["10.0.1.23/24"]), "", None);

@@ -1,6 +1,9 @@
-//! End to end under runc 1.1: the shim registered from the shipped hook files (`hooks/`), real
-//! busybox httpd containers, real TCP from a client network namespace through the host ports,
-//! and awsvpc tasks on veth "ENIs" of a VPC rig serving a peer in the subnet.
+//! End to end under runc 1.1, runc's own cases: host and none modes, and awsvpc tasks on veth
+//! "ENIs" of a VPC rig serving a peer in the subnet (ingress rules, instance metadata, shared
+//! ENIs, refusals). The shim is registered from the shipped hook file (`hooks/runc-hooks.json`),
+//! the containers are real busybox httpd ones. The cases every runtime shares (dynamic ports,
+//! a static-port conflict, delete, a failure after setup) run under runc too, in the runtime
+//! matrix of `runtimes_e2e.rs`.
 //!
 //! Every test builds its own little world and never touches the real host network:
 //!
@@ -42,13 +45,6 @@ const FLAVOUR: Flavour = Flavour {
     patience: Duration::from_secs(3),
 };
 
-/// Which shipped hook file registers the shim.
-#[derive(Clone, Copy)]
-enum HookSource {
-    RuncSnippet,
-    OciHooksD,
-}
-
 /// One test's world (H, C, the temp dir) with the localized hooks, a runc root and bundles.
 struct Lab {
     world: World,
@@ -65,13 +61,10 @@ impl Deref for Lab {
 }
 
 impl Lab {
-    fn new(source: HookSource) -> Lab {
+    fn new() -> Lab {
         let world = World::new(&FLAVOUR, "runc");
         let (state_dir, config) = (world.state_dir(), world.config_path());
-        let hooks = match source {
-            HookSource::RuncSnippet => hooks_from_spec_fragment(RUNC_HOOKS, &state_dir, &config),
-            HookSource::OciHooksD => hooks_from_oci_hooks_d(&state_dir, &config),
-        };
+        let hooks = hooks_from_spec_fragment(RUNC_HOOKS, &state_dir, &config);
         let lab = Lab {
             world,
             hooks,
@@ -94,17 +87,6 @@ impl Lab {
     /// Container id for a short name; unique across tests and test processes.
     fn id(&self, name: &str) -> String {
         self.name(name)
-    }
-
-    /// Writes bundle `name` (rootfs with busybox and a page naming the container), runs it
-    /// detached in H. Returns whether `runc run` succeeded and what it printed.
-    fn start(&self, name: &str, port_mappings: &str) -> (bool, String) {
-        self.start_process(name, port_mappings, &HTTPD)
-    }
-
-    /// Like [`Lab::start`] with another container process.
-    fn start_process(&self, name: &str, port_mappings: &str, args: &[&str]) -> (bool, String) {
-        self.start_mode(name, "bridge", port_mappings, args)
     }
 
     /// Starts a container in network `mode` (host mode: no network namespace of its own).
@@ -206,12 +188,6 @@ impl Lab {
     }
 
     /// Starts a container that must come up.
-    fn start_ok(&self, name: &str, port_mappings: &str) -> String {
-        let (ok, out) = self.start(name, port_mappings);
-        assert!(ok, "runc run {name} failed: {out}");
-        self.id(name)
-    }
-
     /// `runc delete -f` inside H (so poststop runs in H).
     fn delete(&self, id: &str) -> Output {
         output(self.runc().args(["delete", "-f", id]))
@@ -248,140 +224,8 @@ fn shipped_hook_files_agree_and_name_their_stages() {
 
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
-fn two_dynamic_replicas_serve_through_their_own_host_ports() {
-    let lab = Lab::new(HookSource::RuncSnippet);
-    let a = lab.start_ok("web1", r#"[{"containerPort":80}]"#);
-    let b = lab.start_ok("web2", r#"[{"containerPort":80}]"#);
-
-    let ports = lab.ports();
-    assert_eq!(ports.len(), 2, "{ports:#?}");
-    let find = |id: &str| {
-        ports
-            .iter()
-            .find(|p| p["containerId"] == id)
-            .unwrap_or_else(|| panic!("{id} not in ports list: {ports:#?}"))
-    };
-    let (pa, pb) = (find(&a), find(&b));
-    for p in [pa, pb] {
-        assert_eq!(p["networkMode"], "bridge", "{p}");
-        assert_eq!(p["protocol"], "tcp", "{p}");
-        assert_eq!(p["containerPort"], 80, "{p}");
-        assert_eq!(p["targetIP"], lab.host_ip.to_string(), "{p}");
-        assert_eq!(p["targetPort"], p["hostPort"], "{p}");
-        let hp = u64::from(host_port(p));
-        assert!(
-            (DYNAMIC_RANGE.0..=DYNAMIC_RANGE.1).contains(&hp),
-            "host port {hp} outside the configured dynamic range: {p}"
-        );
-    }
-    assert_ne!(pa["hostPort"], pb["hostPort"], "{ports:#?}");
-    assert_ne!(pa["containerIP"], pb["containerIP"], "{ports:#?}");
-
-    lab.assert_serves(host_port(pa), &a);
-    lab.assert_serves(host_port(pb), &b);
-    assert_eq!(lab.links("nsh").len(), 2);
-}
-
-#[test]
-#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
-fn static_host_port_conflict_fails_the_second_container_and_leaves_no_trace() {
-    let lab = Lab::new(HookSource::RuncSnippet);
-    let first = lab.start_ok("web1", r#"[{"containerPort":80,"hostPort":18080}]"#);
-    lab.assert_serves(18080, &first);
-    let links_before = lab.links("nsh");
-    assert_eq!(links_before.len(), 1, "{links_before:?}");
-
-    let (ok, out) = lab.start("web2", r#"[{"containerPort":80,"hostPort":18080}]"#);
-    assert!(
-        !ok,
-        "a second container on host port 18080 must not start: {out}"
-    );
-    assert!(
-        out.contains("shim: ") && out.contains("18080"),
-        "runc's error must carry the shim's message naming the port: {out}"
-    );
-
-    lab.assert_serves(18080, &first);
-    assert_eq!(
-        lab.links("nsh"),
-        links_before,
-        "a link of the failed container is left"
-    );
-    assert_eq!(lab.recorded(), vec![first.clone()]);
-    let ports = lab.ports();
-    assert_eq!(ports.len(), 1, "{ports:#?}");
-    assert_eq!(ports[0]["containerId"], first.as_str());
-    assert_eq!(ports[0]["hostPort"], 18080);
-    assert_eq!(lab.nft_elements("map", "ports").len(), 1);
-    let second = output(lab.runc().args(["state", &lab.id("web2")]));
-    assert!(
-        !second.status.success(),
-        "runc still knows the failed container"
-    );
-}
-
-#[test]
-#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
-fn runc_delete_runs_poststop_and_releases_everything() {
-    // Registered from the oci-hooks.d files this time, so both shipped formats run for real.
-    let lab = Lab::new(HookSource::OciHooksD);
-    let id = lab.start_ok("web1", r#"[{"containerPort":80}]"#);
-    let ports = lab.ports();
-    assert_eq!(ports.len(), 1, "{ports:#?}");
-    lab.assert_serves(host_port(&ports[0]), &id);
-    assert_eq!(lab.links("nsh").len(), 1);
-    assert_eq!(lab.nft_elements("map", "ports").len(), 1);
-
-    let out = lab.delete(&id);
-    assert!(
-        out.status.success(),
-        "runc delete -f: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.stderr.is_empty(),
-        "runc delete reports a hook error: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-
-    assert_eq!(lab.links("nsh"), Vec::<String>::new());
-    assert_eq!(lab.nft_elements("map", "ports"), Vec::<Value>::new());
-    assert_eq!(lab.nft_elements("set", "mapped"), Vec::<Value>::new());
-    assert_eq!(lab.ports(), Vec::<Value>::new());
-    assert_eq!(lab.recorded(), Vec::<String>::new());
-}
-
-#[test]
-#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
-fn a_container_failing_after_network_setup_is_released_by_poststop() {
-    // runc runs createRuntime, then fails to exec the process and destroys the container,
-    // running poststop: the setup must not leak.
-    let lab = Lab::new(HookSource::RuncSnippet);
-    let keep = lab.start_ok("web1", r#"[{"containerPort":80}]"#);
-    let (ok, out) = lab.start_process(
-        "broken",
-        r#"[{"containerPort":80,"hostPort":18081}]"#,
-        &["/bin/no-such-program"],
-    );
-    assert!(
-        !ok,
-        "a container with a missing program must not start: {out}"
-    );
-    // The setup did run (the address cursor moved past web1's) and was undone.
-    let state = common::ledger_index(&lab.state_dir());
-    assert_eq!(state["cursors"]["ip"], "10.213.0.3", "{state}");
-    assert_eq!(lab.recorded(), vec![keep.clone()]);
-    assert_eq!(lab.links("nsh").len(), 1, "{:?}", lab.links("nsh"));
-    assert_eq!(lab.nft_elements("map", "ports").len(), 1);
-    let ports = lab.ports();
-    assert_eq!(ports.len(), 1, "{ports:#?}");
-    lab.assert_serves(host_port(&ports[0]), &keep);
-}
-
-#[test]
-#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn host_mode_second_claim_is_refused_while_the_first_keeps_serving() {
-    let lab = Lab::new(HookSource::RuncSnippet);
+    let lab = Lab::new();
     let httpd = ["/bin/busybox", "httpd", "-f", "-p", "18181", "-h", "/www"];
     let (ok, out) = lab.start_mode("h1", "host", r#"[{"containerPort":18181}]"#, &httpd);
     assert!(ok, "host-mode container: {out}");
@@ -409,7 +253,7 @@ fn host_mode_second_claim_is_refused_while_the_first_keeps_serving() {
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn none_mode_container_has_only_loopback_up() {
-    let lab = Lab::new(HookSource::RuncSnippet);
+    let lab = Lab::new();
     let (ok, out) = lab.start_mode("n1", "none", "[]", &["/bin/busybox", "sleep", "30"]);
     assert!(ok, "none-mode container: {out}");
     let state: Value = serde_json::from_str(&must(lab.runc().args(["state", &lab.id("n1")])))
@@ -431,7 +275,7 @@ fn none_mode_container_has_only_loopback_up() {
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn two_awsvpc_tasks_serve_the_subnet_and_runc_delete_hands_their_enis_back() {
     // H keeps its default route over the link to C, so no ENI is the primary interface.
-    let lab = Lab::new(HookSource::RuncSnippet);
+    let lab = Lab::new();
     lab.set_config("[awsvpc]\neni_wait_seconds = 2\ninterface_kinds = [\"veth\"]\n");
     let mut vpc = VpcNet::new(&lab.prefix, &lab.host);
     let tasks = [
@@ -488,7 +332,7 @@ fn two_awsvpc_tasks_serve_the_subnet_and_runc_delete_hands_their_enis_back() {
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn awsvpc_ingress_rules_under_runc_admit_only_the_listed_peer() {
-    let lab = Lab::new(HookSource::RuncSnippet);
+    let lab = Lab::new();
     let mut vpc = lab.vpc();
     let p2 = vpc.add_peer(PEER2_IP);
     let eni = vpc.attach_eni();
@@ -521,7 +365,7 @@ fn awsvpc_ingress_rules_under_runc_admit_only_the_listed_peer() {
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn awsvpc_task_under_runc_cannot_reach_instance_metadata_but_the_peer_can() {
-    let lab = Lab::new(HookSource::RuncSnippet);
+    let lab = Lab::new();
     let mut vpc = lab.vpc();
     let eni = vpc.attach_eni();
     let (ok, out) = lab.start_awsvpc("meta1", &exclusive(&eni, &["10.0.1.23/24"]));
@@ -561,7 +405,7 @@ fn awsvpc_task_under_runc_cannot_reach_instance_metadata_but_the_peer_can() {
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn shared_eni_tasks_under_runc_get_their_own_addresses_until_none_is_free() {
-    let lab = Lab::new(HookSource::RuncSnippet);
+    let lab = Lab::new();
     let mut vpc = lab.vpc();
     let eni = vpc.attach_eni();
     let spec = shared(&eni, &["10.0.1.31/24", "10.0.1.32/24"]);
@@ -635,7 +479,7 @@ fn shared_eni_tasks_under_runc_get_their_own_addresses_until_none_is_free() {
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn runc_refuses_the_primary_interface_and_an_eni_already_given() {
-    let lab = Lab::new(HookSource::RuncSnippet);
+    let lab = Lab::new();
     let mut vpc = lab.vpc();
     let eni = vpc.attach_eni();
     let (ok, out) = lab.start_awsvpc("ref1", &exclusive(&eni, &["10.0.1.23/24"]));

@@ -1,13 +1,15 @@
-//! End to end under crun, containerd and podman: the shim registered from the shipped hook files
-//! (`hooks/runc-hooks.json`, `hooks/containerd/ctr-run-config.json`, `hooks/oci-hooks.d/`), real
-//! busybox httpd containers, real TCP from a client network namespace through the host ports.
-//! The runc cases are in `runc_e2e.rs`; these are the same cases under the other runtimes (two
-//! dynamic ports serving, a refused static-port conflict leaving nothing, delete releasing
-//! everything, an awsvpc task on a veth "ENI" serving a peer in the subnet and handing the ENI
-//! back), plus each runtime's own failed-create and poststop behaviour: crun and podman
-//! never run poststop after a failed create (netshim's rollback must leave nothing; a failure
-//! after its hook is left to `shim gc`), podman runs poststop when the container exits.
-//! See docs/runtimes.md.
+//! End to end under runc, crun, containerd and podman: the shim registered from the shipped hook
+//! files (runc: `hooks/oci-hooks.d/`; crun: `hooks/runc-hooks.json`; containerd:
+//! `hooks/containerd/ctr-run-config.json`; podman: `hooks/oci-hooks.d/`), real busybox httpd
+//! containers, real TCP from a client network namespace through the host ports. The same cases
+//! under every runtime (two dynamic ports serving, a refused static-port conflict leaving
+//! nothing, delete releasing everything, a failure after setup released; for crun, containerd
+//! and podman an awsvpc task on a veth "ENI" serving a peer in the subnet and handing the ENI
+//! back), with each runtime's own failed-create and poststop behaviour: runc (alone or under
+//! containerd) runs poststop after a failed start, crun and podman never do (netshim's rollback
+//! must leave nothing; a failure after its hook is left to `shim gc`), podman runs poststop when
+//! the container exits. runc's own cases (host and none modes, awsvpc tasks, ingress, metadata,
+//! shared ENIs) are in `runc_e2e.rs`. See docs/runtimes.md.
 //!
 //! ```text
 //!   netns C (client) 172.31.n.2/30 ---veth--- 172.31.n.1/30 netns H (the "host")
@@ -71,6 +73,7 @@ exec sleep 600"#;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Rt {
+    Runc,
     Crun,
     Containerd,
     Podman,
@@ -79,6 +82,7 @@ enum Rt {
 impl Rt {
     fn binaries(self) -> &'static [&'static str] {
         match self {
+            Rt::Runc => &["runc"],
             Rt::Crun => &["crun", "unshare"],
             Rt::Containerd => &["containerd", "ctr", "containerd-shim-runc-v2", "runc"],
             Rt::Podman => &["podman", "conmon", "runc"],
@@ -88,7 +92,8 @@ impl Rt {
     /// Host paths the runtime creates whatever private directories it is given.
     fn host_dirs(self) -> &'static [&'static str] {
         match self {
-            Rt::Crun => &[],
+            // Its root is in the temp dir.
+            Rt::Runc | Rt::Crun => &[],
             // containerd-shim-runc-v2 sockets: /run/containerd/s
             Rt::Containerd => &["/run/containerd"],
             Rt::Podman => &[
@@ -249,6 +254,8 @@ impl Lab {
         let world = World::new(&FLAVOUR, &format!("{rt:?}"));
         let (sd, cfg) = (world.state_dir(), world.config_path());
         let hooks = match rt {
+            // Registered from the oci-hooks.d files, so both shipped formats run under runc.
+            Rt::Runc => hooks_from_oci_hooks_d(&sd, &cfg),
             Rt::Crun => hooks_from_spec_fragment(RUNC_HOOKS, &sd, &cfg),
             Rt::Containerd => hooks_from_ctr_fragment(&sd, &cfg),
             Rt::Podman => Value::Null,
@@ -263,6 +270,7 @@ impl Lab {
             _host_dirs: HostDirClaim::new(rt.host_dirs()),
         };
         match rt {
+            Rt::Runc => fs::create_dir_all(lab.dir.join("runc")).expect("create the runc root"),
             Rt::Crun => {
                 let crun = which("crun").expect("crun");
                 // docs/runtimes.md's wrapper; `umount -n` so libmount does not create /run/mount.
@@ -354,6 +362,12 @@ impl Lab {
             None => "/proc/self/mountinfo".to_string(),
         };
         mounts_under_in(Path::new(&mountinfo), &self.state_dir())
+    }
+
+    fn runc(&self) -> Command {
+        let mut c = self.in_host("runc");
+        c.arg("--root").arg(self.dir.join("runc"));
+        c
     }
 
     fn crun(&self) -> Command {
@@ -484,6 +498,18 @@ impl Lab {
         self.names.borrow_mut().push(name.clone());
         let log = self.dir.join(format!("{short}.out"));
         let (ok, out, id) = match self.rt {
+            Rt::Runc => {
+                let bundle = self.write_bundle(short, annotations, args);
+                // runc hands its own stdio to a detached container: never a pipe.
+                let (ok, out) = run_logged(
+                    self.runc()
+                        .args(["run", "-d", "-b"])
+                        .arg(&bundle)
+                        .arg(&name),
+                    &log,
+                );
+                (ok, out, name.clone())
+            }
             Rt::Crun => {
                 let bundle = self.write_bundle(short, annotations, args);
                 let (ok, out) = run_logged(
@@ -548,10 +574,14 @@ impl Lab {
         c
     }
 
-    /// The runtime's delete of a (running or failed) container, inside H: crun `delete -f`,
+    /// The runtime's delete of a (running or failed) container, inside H: runc and crun `delete -f`,
     /// ctr `task kill` + `task rm` + `container rm`, podman `rm -f -t 0`.
     fn delete(&self, name: &str) -> (bool, String) {
         match self.rt {
+            Rt::Runc => {
+                let out = output(self.runc().args(["delete", "-f", name]));
+                (out.status.success(), text(&out))
+            }
             Rt::Crun => {
                 let out = output(self.crun().args(["delete", "-f", name]));
                 (out.status.success(), text(&out))
@@ -615,6 +645,7 @@ impl Lab {
     /// Whether the runtime still has a record of the container.
     fn knows(&self, name: &str) -> bool {
         let out = match self.rt {
+            Rt::Runc => output(self.runc().args(["state", name])),
             Rt::Crun => output(self.crun().args(["state", name])),
             Rt::Containerd => output(self.ctr().args(["container", "info", name])),
             Rt::Podman => output(self.podman().args(["container", "exists", name])),
@@ -789,6 +820,9 @@ fn static_port_conflict_leaves_no_trace(rt: Rt) {
     lab.assert_only(&first, &links, "right after the failed create");
 
     match rt {
+        Rt::Runc => {
+            assert!(!lab.knows(&second.name), "runc still knows {}", second.name);
+        }
         Rt::Crun => {
             assert!(
                 out.contains("error executing hook"),
@@ -838,7 +872,7 @@ fn delete_releases_everything(rt: Rt) {
 }
 
 /// The runtime fails after netshim's setup succeeded (the container's program does not exist).
-/// runc (under containerd) then runs poststop; crun and podman do not, and the setup stays
+/// runc (alone or under containerd) then runs poststop; crun and podman do not, and the setup stays
 /// recorded (its veth went with the container's netns, its host port is still claimed) until
 /// `shim gc`, which must release it. Either way the static port is usable again afterwards.
 fn failure_after_setup_is_released(rt: Rt) {
@@ -855,7 +889,9 @@ fn failure_after_setup_is_released(rt: Rt) {
     );
     let left = lab.recorded();
     match rt {
-        Rt::Containerd => lab.assert_all_released("runc ran poststop after the failed start"),
+        Rt::Runc | Rt::Containerd => {
+            lab.assert_all_released("runc ran poststop after the failed start")
+        }
         Rt::Crun | Rt::Podman => {
             // These runtimes skip poststop after a failed start (docs/runtimes.md): the record
             // is left for `shim gc`, which must be the one releasing it.
@@ -946,6 +982,30 @@ fn shipped_containerd_and_oci_hooks_files_register_the_runc_hooks() {
     ] {
         assert!(toml.contains(needle), "cri-config.toml lacks {needle}");
     }
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn runc_dynamic_host_ports_serve_pages_to_a_client() {
+    dynamic_ports_serve_through_host_ports(Rt::Runc);
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn runc_static_port_conflict_leaves_no_trace() {
+    static_port_conflict_leaves_no_trace(Rt::Runc);
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn runc_delete_runs_poststop_and_releases_everything() {
+    delete_releases_everything(Rt::Runc);
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn runc_failure_after_setup_is_released_by_poststop() {
+    failure_after_setup_is_released(Rt::Runc);
 }
 
 #[test]

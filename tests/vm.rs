@@ -110,6 +110,14 @@ const SUITES: &[Suite] = &[
         before: None,
         after: None,
     },
+    // The runtime matrix's runc cases (runc is all they need).
+    Suite {
+        step: "runtimes_e2e_runc",
+        target: "runtimes_e2e",
+        args: &["--include-ignored", "runc_"],
+        before: None,
+        after: None,
+    },
     Suite {
         step: "bridge_br_netfilter",
         target: "bridge",
@@ -529,6 +537,19 @@ fn branch_enis_are_refused_clearly_on_6_1_without_8021q() {
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn runc_end_to_end_suite_passes_on_6_1() {
     assert_suite_passed("runc_e2e");
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn the_runtime_matrix_passes_under_runc_on_6_1() {
+    assert_suite_passed("runtimes_e2e_runc");
+    let Some(run) = run() else { return };
+    let s = step(run, "runtimes_e2e_runc");
+    assert!(
+        summary(&s.output).contains(" 5 passed"),
+        "the runc cases (and the hook-file check) did not all run: {}",
+        summary(&s.output)
+    );
 }
 
 #[test]

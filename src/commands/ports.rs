@@ -2,109 +2,11 @@
 //! is replaced by rename, so this never waits on a running hook nor sees half a file.
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr};
-
-use serde::{Deserialize, Serialize};
 
 use crate::commands::Globals;
-use crate::kernel::netlink::Netlink;
 use crate::lb;
-use crate::state::{LbState, State};
-use crate::types::NetworkMode;
-
-/// One mapped port, as the contract names its fields.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct PortEntry {
-    pub container_id: String,
-    pub service: Option<String>,
-    pub network_mode: NetworkMode,
-    pub protocol: String,
-    pub container_port: u16,
-    pub host_port: u16,
-    #[serde(rename = "bindIP")]
-    pub bind_ip: String,
-    #[serde(rename = "containerIP")]
-    pub container_ip: Option<String>,
-    #[serde(rename = "targetIP")]
-    pub target_ip: String,
-    pub target_port: u16,
-    pub name: Option<String>,
-    pub dynamic: bool,
-    /// `serving`, or `draining` once `shim drain` marked the container.
-    pub state: LbState,
-    /// awsvpc: the MAC of the task's ENI (for exports that name the ENI).
-    #[serde(skip)]
-    pub eni_mac: Option<String>,
-}
-
-/// Flattens the state into entries (pure: `host_ip` is the host's address for LB targets).
-pub fn entries(
-    state: &State,
-    host_ip: Ipv4Addr,
-    container: Option<&str>,
-    service: Option<&str>,
-) -> Vec<PortEntry> {
-    let mut out = Vec::new();
-    for c in state.containers.values() {
-        if container.is_some_and(|id| id != c.id)
-            || service.is_some_and(|s| c.service.as_deref() != Some(s))
-        {
-            continue;
-        }
-        // An awsvpc task's own address: its IPv4 one, else (an IPv6-only ENI) its IPv6 one.
-        let task_ip: Option<IpAddr> = c.ip.map(IpAddr::V4).or(c.ip6.map(IpAddr::V6));
-        for p in &c.ports {
-            let (target_ip, target_port) = match c.mode {
-                NetworkMode::Awsvpc => (
-                    task_ip.map(|i| i.to_string()).unwrap_or_default(),
-                    p.container_port,
-                ),
-                _ => (p.host_ip.unwrap_or(host_ip).to_string(), p.host_port),
-            };
-            out.push(PortEntry {
-                container_id: c.id.clone(),
-                // Only names that are safe in every load-balancer format are shown.
-                service: c.service.clone().filter(|s| lb::safe_name(s)),
-                network_mode: c.mode,
-                protocol: p.protocol.to_string(),
-                container_port: p.container_port,
-                host_port: p.host_port,
-                // An awsvpc task listens on its own ENI address.
-                bind_ip: match c.mode {
-                    NetworkMode::Awsvpc => task_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-                    _ => IpAddr::V4(p.host_ip.unwrap_or(Ipv4Addr::UNSPECIFIED)),
-                }
-                .to_string(),
-                container_ip: match c.mode {
-                    NetworkMode::Awsvpc => task_ip.map(|i| i.to_string()),
-                    _ => c.ip.map(|i| i.to_string()),
-                },
-                target_ip,
-                target_port,
-                name: p.name.clone(),
-                dynamic: p.dynamic,
-                state: c.lb,
-                eni_mac: c.eni.as_ref().map(|e| e.mac.to_string()),
-            });
-        }
-    }
-    out
-}
-
-/// The address load balancers target for host ports.
-pub fn host_address(g: &Globals) -> anyhow::Result<Ipv4Addr> {
-    let cfg = g.load_config()?;
-    if let Some(a) = cfg.host_address {
-        return Ok(a);
-    }
-    let found = Netlink::open().ok().and_then(|mut nl| {
-        nl.default_route_source(&|ip| !cfg.subnet.contains(ip))
-            .ok()
-            .flatten()
-    });
-    Ok(found.unwrap_or(Ipv4Addr::LOCALHOST))
-}
+use crate::lb::entries::{PortEntry, entries};
+use crate::state::LbState;
 
 /// What `ports list` prints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,7 +32,7 @@ pub struct Filter {
 
 pub fn list(g: &Globals, format: Format, f: &Filter) -> anyhow::Result<()> {
     let state = g.state()?.load()?;
-    let host = host_address(g)?;
+    let host = g.host_address()?;
     let mut rows = entries(&state, host, f.container.as_deref(), f.service.as_deref());
     // `register-targets` must not re-register what is draining: elbv2 lists serving targets
     // unless asked for draining ones (`--state draining`, for `deregister-targets`).
@@ -144,11 +46,11 @@ pub fn list(g: &Globals, format: Format, f: &Filter) -> anyhow::Result<()> {
     let text = match format {
         Format::Table => table(&rows),
         Format::Json => serde_json::to_string_pretty(&rows)?,
-        Format::Elbv2 => lb::export::elbv2(&rows, &instance_id(g)?),
+        Format::Elbv2 => lb::export::elbv2(&rows, &g.instance_id()?),
         Format::Slb => {
             let cfg = g.load_config()?;
             let eni = |mac: &str| crate::metadata::eni_id(&cfg.awsvpc, mac);
-            lb::export::slb(&rows, &instance_id(g)?, &eni)
+            lb::export::slb(&rows, &g.instance_id()?, &eni)
         }
         Format::FileSd => lb::export::file_sd(&rows),
         Format::Nginx => lb::export::nginx(&lb::targets(&rows), &[]),
@@ -206,22 +108,6 @@ pub fn list_cluster(url: &str, format: Format, f: &Filter) -> anyhow::Result<()>
         }
     };
     print(&text)
-}
-
-/// The instance id exports name bridge and host targets by: `[lb] instance_id`, else instance
-/// metadata, else the host name.
-pub fn instance_id(g: &Globals) -> anyhow::Result<String> {
-    let cfg = g.load_config()?;
-    if let Some(id) = cfg.lb.instance_id {
-        return Ok(id);
-    }
-    if let Some(id) = crate::metadata::quick_value(&cfg.awsvpc, "instance-id")
-        && lb::safe_name(&id)
-    {
-        return Ok(id);
-    }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    Ok(host.trim().to_string())
 }
 
 /// The human table.
@@ -307,8 +193,11 @@ fn table_with_hosts(rows: &[PortEntry], hosts: Option<&[&str]>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::State;
     use crate::state::{ContainerRecord, PortRecord};
+    use crate::types::NetworkMode;
     use crate::types::Protocol;
+    use std::net::Ipv4Addr;
 
     fn state() -> State {
         let mut st = State::default();
@@ -327,47 +216,6 @@ mod tests {
             st.containers.insert(id.into(), r);
         }
         st
-    }
-
-    #[test]
-    fn json_has_the_contract_fields() {
-        let rows = entries(&state(), Ipv4Addr::new(192, 0, 2, 2), None, None);
-        let v = serde_json::to_value(&rows).unwrap();
-        for k in [
-            "containerId",
-            "service",
-            "networkMode",
-            "protocol",
-            "containerPort",
-            "hostPort",
-            "bindIP",
-            "containerIP",
-            "targetIP",
-            "targetPort",
-            "state",
-        ] {
-            assert!(v[0].get(k).is_some(), "missing {k}: {v}");
-        }
-        assert_eq!(v[0]["targetIP"], "192.0.2.2");
-        assert_eq!(v[0]["targetPort"], 49153);
-        assert_eq!(v[0]["networkMode"], "bridge");
-        assert_eq!(v[1]["service"], serde_json::Value::Null);
-        assert_eq!(v[0]["state"], "serving");
-        assert!(v[0].get("eniMac").is_none(), "{v}");
-    }
-
-    #[test]
-    fn filters_by_container_and_service() {
-        let st = state();
-        assert_eq!(
-            entries(&st, Ipv4Addr::LOCALHOST, Some("bbb"), None).len(),
-            1
-        );
-        assert_eq!(
-            entries(&st, Ipv4Addr::LOCALHOST, None, Some("web"))[0].container_id,
-            "aaa"
-        );
-        assert!(entries(&st, Ipv4Addr::LOCALHOST, None, Some("nope")).is_empty());
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::bail;
 
 use crate::commands::Globals;
-use crate::commands::ports::{host_address, instance_id};
 use crate::lb::cluster::{ClusterFeed, EtcdSink, LEASE_FILE, Publisher};
 use crate::lb::etcd::Client;
 use crate::lb::filesd::FileSdSink;
@@ -101,7 +100,7 @@ pub fn run(g: &Globals, a: Args) -> anyhow::Result<()> {
         (None, etcd) => {
             // The config is read now, so a typo stops the registrar before it touches a sink.
             let cfg = g.load_config()?;
-            host_address(g)?;
+            g.host_address()?;
             if let Some(url) = etcd {
                 let client =
                     Client::new(url).map_err(|e| anyhow::anyhow!("registrar: --etcd: {e}"))?;
@@ -118,7 +117,7 @@ pub fn run(g: &Globals, a: Args) -> anyhow::Result<()> {
                 sinks.push(Box::new(EtcdSink::start(Publisher {
                     client,
                     host_id,
-                    instance_id: instance_id(g)?,
+                    instance_id: g.instance_id()?,
                     ttl: cfg.lb.lease_seconds,
                     lease_file: g.state_dir.join(LEASE_FILE),
                 })));
@@ -128,7 +127,7 @@ pub fn run(g: &Globals, a: Args) -> anyhow::Result<()> {
             let g2 = g.clone();
             Box::new(Ledger::open(
                 &g.state_dir,
-                Box::new(move || host_address(&g2).unwrap_or(std::net::Ipv4Addr::LOCALHOST)),
+                Box::new(move || g2.host_address().unwrap_or(std::net::Ipv4Addr::LOCALHOST)),
             )?)
         }
     };

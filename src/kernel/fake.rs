@@ -58,10 +58,20 @@ pub struct Fake {
     /// rollback can use the same step).
     pub fail_at: Option<&'static str>,
     pub fail_once: bool,
+    /// How many calls of `fail_at` succeed before it fails (0: the first call fails), to fail
+    /// the second `set_link` of a setup rather than its first.
+    pub fail_after: usize,
+    /// The errno the failing step answers (EPERM unless set).
+    pub fail_errno: Option<i32>,
+    /// A second step that fails on every call (a setup failing at `fail_at` whose rollback
+    /// then fails too).
+    pub fail_also: Option<&'static str>,
     /// Each conntrack flush asked for.
     pub flushes: Vec<String>,
     /// Pins opened later, mapped onto their namespace.
     aliases: HashMap<i32, Ns>,
+    /// Each veth end's peer (both ways): deleting one end deletes the other, as in the kernel.
+    peers: HashMap<u32, (Ns, u32)>,
     next_index: u32,
 }
 
@@ -95,13 +105,73 @@ impl Fake {
     /// Records the call and fails it if it is the chosen step.
     pub fn step(&mut self, name: &'static str) -> Result<(), NlError> {
         self.calls.push(name.into());
+        if self.fail_also == Some(name) {
+            return Err(errno(libc::EBUSY));
+        }
         if self.fail_at == Some(name) {
+            if self.fail_after > 0 {
+                self.fail_after -= 1;
+                return Ok(());
+            }
             if self.fail_once {
                 self.fail_at = None;
             }
-            return Err(errno(libc::EPERM));
+            return Err(errno(self.fail_errno.unwrap_or(libc::EPERM)));
         }
         Ok(())
+    }
+
+    /// Makes the `nth` call (1-based) of `step` fail, once.
+    pub fn fail_call(&mut self, step: &'static str, nth: usize) {
+        self.fail_at = Some(step);
+        self.fail_once = true;
+        self.fail_after = nth.saturating_sub(1);
+    }
+
+    /// How many times `step` was called.
+    pub fn count(&self, step: &str) -> usize {
+        self.calls.iter().filter(|c| *c == step).count()
+    }
+
+    /// A new, empty network namespace with its own `lo` (down, as the kernel makes it), for a
+    /// task; its file stays open for the rest of the test process.
+    pub fn new_netns(&mut self) -> &'static File {
+        let f = netns();
+        self.next_index += 1;
+        let lo = Link {
+            index: self.next_index,
+            name: "lo".into(),
+            loopback: true,
+            ..Link::default()
+        };
+        self.at(At::Netns(f)).links.push(lo);
+        f
+    }
+
+    /// What the kernel does when a namespace's last reference goes: its virtual links (veths,
+    /// VLANs) are destroyed, its physical ones return to the host under their names there (or
+    /// as `dev<index>` when the name is taken), down, without addresses.
+    pub fn destroy_netns(&mut self, f: &File) {
+        let k = self.key(At::Netns(f));
+        let Some(st) = self.ns.remove(&k) else { return };
+        for l in &st.links {
+            if let Some((pk, peer)) = self.peers.remove(&l.index) {
+                self.peers.remove(&peer);
+                self.remove_in(pk, peer);
+            }
+        }
+        let host_names: Vec<String> = self.host_link_names();
+        for mut l in st
+            .links
+            .into_iter()
+            .filter(|l| l.kind.is_none() && !l.loopback)
+        {
+            if host_names.contains(&l.name) {
+                l.name = format!("dev{}", l.index);
+            }
+            l.up = false;
+            self.at(At::Host).links.push(l);
+        }
     }
 
     fn nft_step(&mut self, name: &'static str) -> Result<(), NftError> {
@@ -115,8 +185,10 @@ impl Fake {
     }
 
     fn io_step(&mut self, name: &'static str) -> io::Result<()> {
-        self.step(name)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EPERM))
+        self.step(name).map_err(|e| match e {
+            NlError::Io(io) => io,
+            _ => io::Error::from_raw_os_error(libc::EPERM),
+        })
     }
 
     /// A namespace key for an open netns file.
@@ -177,13 +249,30 @@ impl Fake {
     }
 
     fn remove_link(&mut self, at: At, index: u32) -> Option<Link> {
-        let st = self.at(at);
+        let k = self.key(at);
+        let l = self.remove_in(k, index)?;
+        if let Some((pk, peer)) = self.peers.remove(&index) {
+            self.peers.remove(&peer);
+            self.remove_in(pk, peer);
+        }
+        Some(l)
+    }
+
+    fn remove_in(&mut self, k: Ns, index: u32) -> Option<Link> {
+        let st = self.ns.get_mut(&k)?;
         let pos = st.links.iter().position(|l| l.index == index)?;
         let l = st.links.remove(pos);
         st.addrs.retain(|a| a.index != index);
         st.routes.retain(|r| r.oif != index);
         st.neighs.retain(|n| n.0 != index);
         Some(l)
+    }
+
+    /// Records two new links as one veth pair.
+    fn pair(&mut self, a: (At, u32), b: (At, u32)) {
+        let (ka, kb) = (self.key(a.0), self.key(b.0));
+        self.peers.insert(a.1, (kb, b.1));
+        self.peers.insert(b.1, (ka, a.1));
     }
 
     fn link_mut(&mut self, at: At, index: u32) -> Result<&mut Link, NlError> {
@@ -284,7 +373,7 @@ impl Kernel for Fake {
         netns: &File,
     ) -> Result<(), NlError> {
         self.step("add_veth")?;
-        self.add_link(
+        let h = self.add_link(
             At::Host,
             Link {
                 name: host.into(),
@@ -294,7 +383,7 @@ impl Kernel for Fake {
                 ..Link::default()
             },
         )?;
-        self.add_link(
+        let p = self.add_link(
             At::Netns(netns),
             Link {
                 name: peer.into(),
@@ -302,6 +391,7 @@ impl Kernel for Fake {
                 ..Link::default()
             },
         )?;
+        self.pair((At::Host, h), (At::Netns(netns), p));
         Ok(())
     }
 
@@ -321,7 +411,7 @@ impl Kernel for Fake {
     }
 
     fn del_link(&mut self, name: &str) -> Result<bool, NlError> {
-        self.calls.push("del_link".into());
+        self.step("del_link")?;
         match self.host_link(name) {
             Some(l) => Ok(self.remove_link(At::Host, l.index).is_some()),
             None => Ok(false),
@@ -372,6 +462,15 @@ impl Kernel for Fake {
 
     fn set_link(&mut self, at: At, index: u32, c: LinkChange) -> Result<(), NlError> {
         self.step("set_link")?;
+        if let Some(n) = c.name
+            && self
+                .state(at)
+                .links
+                .iter()
+                .any(|l| l.name == n && l.index != index)
+        {
+            return Err(errno(libc::EEXIST));
+        }
         let l = self.link_mut(at, index)?;
         if let Some(up) = c.up {
             l.up = up;
@@ -401,10 +500,14 @@ impl Kernel for Fake {
         if self.state(to).links.iter().any(|l| l.name == name) {
             return Err(errno(libc::EEXIST));
         }
-        let mut l = self.remove_link(from, index).ok_or_else(enodev)?;
+        let mut l = self.remove_in(fk, index).ok_or_else(enodev)?;
         l.name = name.into();
         l.up = false;
         self.at(to).links.push(l);
+        // A moved veth end keeps its peer.
+        if let Some((_, peer)) = self.peers.get(&index).copied() {
+            self.peers.insert(peer, (tk, index));
+        }
         Ok(())
     }
 
@@ -471,7 +574,7 @@ impl Kernel for Fake {
         netns: &File,
     ) -> Result<(), NlError> {
         self.step("add_pair")?;
-        self.add_link(
+        let h = self.add_link(
             At::Host,
             Link {
                 name: host.into(),
@@ -480,7 +583,7 @@ impl Kernel for Fake {
                 ..Link::default()
             },
         )?;
-        if let Err(e) = self.add_link(
+        match self.add_link(
             At::Netns(netns),
             Link {
                 name: peer.into(),
@@ -488,10 +591,16 @@ impl Kernel for Fake {
                 ..Link::default()
             },
         ) {
-            let _ = self.del_link(host);
-            return Err(e);
+            Ok(p) => {
+                self.pair((At::Host, h), (At::Netns(netns), p));
+                Ok(())
+            }
+            Err(e) => {
+                // The kernel creates both ends in one request, or neither.
+                self.remove_link(At::Host, h);
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     fn add_vlan(

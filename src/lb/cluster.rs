@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::etcd::{Client, EtcdError, Event, Kv, Op};
 use super::registrar::{Sink, Snapshot, Source, Want, log_line};
-use crate::commands::ports::PortEntry;
+use crate::lb::entries::PortEntry;
 
 /// Every key netshim writes starts with this.
 pub const PREFIX: &str = "/netshim/v1/";

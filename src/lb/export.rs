@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{Target, safe_name};
-use crate::commands::ports::PortEntry;
+use crate::lb::entries::PortEntry;
 use crate::state::LbState;
 use crate::types::NetworkMode;
 
@@ -181,7 +181,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::commands::ports::entries;
+    use crate::lb::entries::entries;
     use crate::lb::{targets, testdata};
 
     fn all() -> Vec<PortEntry> {

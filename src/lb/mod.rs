@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod conns;
+pub mod entries;
 pub mod etcd;
 pub mod export;
 pub mod filesd;
@@ -18,7 +19,7 @@ pub mod status;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use crate::commands::ports::PortEntry;
+use crate::lb::entries::PortEntry;
 use crate::state::LbState;
 
 /// An address as the host part of `host:port`: an IPv6 address in brackets, anything else as
@@ -211,7 +212,7 @@ pub(crate) mod testdata {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::commands::ports::entries;
+    use crate::lb::entries::entries;
 
     #[test]
     fn safe_names() {

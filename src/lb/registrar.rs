@@ -27,7 +27,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use super::status::{self, Status};
 use super::{Target, targets};
-use crate::commands::ports::{PortEntry, entries};
+use crate::lb::entries::{PortEntry, entries};
 use crate::state::StateDir;
 
 /// Where a sink's change and error lines go: stderr, one line each (control characters

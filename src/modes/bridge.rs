@@ -17,6 +17,7 @@ use crate::kernel::conntrack::{HostPort, Stale};
 use crate::kernel::nft::Batch;
 use crate::kernel::{At, Kernel, sysctl};
 use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, task_firewall, with_rollback};
+use crate::names::{BRIDGE_VETH_PREFIX as VETH_PREFIX, fnv, link_name};
 use crate::request::NetworkRequest;
 use crate::state::{ContainerRecord, PortRecord, State};
 use crate::trace;
@@ -24,8 +25,6 @@ use crate::types::{MacAddr, NetworkMode, PortRange, Protocol};
 
 /// Name of the container's interface.
 pub const CONTAINER_IF: &str = "eth0";
-/// Prefix of the host end of every bridge veth (`nsh` + 8 hex digits).
-pub const VETH_PREFIX: &str = "nsh";
 
 /// The dynamic range in force: the config's, else the kernel's ephemeral range, else ECS's.
 pub fn dynamic_range(cfg: &Config) -> PortRange {
@@ -50,35 +49,6 @@ pub fn port_policy(cfg: &Config, host_reserved: &[u16]) -> PortPolicy {
             .map(|d| d.as_secs())
             .unwrap_or(0),
     }
-}
-
-/// FNV-1a: short, stable names (veths) and MACs derived from ids and names.
-pub fn fnv(s: &str) -> u32 {
-    s.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
-}
-
-/// `prefix` + 8 hex digits of the id's hash, salted until `taken` says no.
-pub fn link_name(prefix: &str, id: &str, taken: &dyn Fn(&str) -> bool) -> String {
-    (0u32..)
-        .map(|salt| {
-            let key = if salt == 0 {
-                id.to_string()
-            } else {
-                format!("{id}#{salt}")
-            };
-            format!("{prefix}{:08x}", fnv(&key))
-        })
-        .find(|n| !taken(n))
-        .unwrap_or_else(|| format!("{prefix}00000000"))
-}
-
-/// Whether `name` has the shape of a link netshim names with `prefix`.
-pub fn is_our_name(prefix: &str, name: &str) -> bool {
-    name.len() == prefix.len() + 8
-        && name.starts_with(prefix)
-        && name[prefix.len()..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Host-side veth name: stable for an id, 11 characters, unique in the ledger.
@@ -676,6 +646,25 @@ mod tests {
     }
 
     #[test]
+    fn a_rollback_that_cannot_delete_the_veth_says_so_and_what_retries() {
+        let (mut st, mut k) = (State::default(), Fake::new());
+        k.fail_at = Some("configure");
+        k.fail_also = Some("del_link");
+        let (p, r) = setup(&mut k, &mut st, "a", TCP_UDP);
+        let msg = format!("{:#}", r.unwrap_err());
+        let veth = p.veth.unwrap();
+        assert!(
+            msg.contains(&format!(
+                "(rollback incomplete: delete link {veth}: Device or resource busy (os error 16); delete link netshim0: Device or resource busy (os error 16); `shim gc` retries)"
+            )),
+            "{msg}"
+        );
+        // The bridge this setup created is undone too (and fails alike); the rest still ran.
+        assert!(k.elements().is_empty(), "{:?}", k.elements());
+        assert!(k.reserved.is_empty(), "{:?}", k.reserved);
+    }
+
+    #[test]
     fn rollback_keeps_the_bridge_other_containers_use() {
         let (mut st, mut k) = (State::default(), Fake::new());
         let (p, r) = setup(&mut k, &mut st, "a", r#"[{"containerPort":80}]"#);
@@ -836,7 +825,7 @@ mod tests {
         let mut st = State::default();
         let n = veth_name("abc", &st);
         assert_eq!(n.len(), 11);
-        assert!(is_our_name(VETH_PREFIX, &n));
+        assert!(crate::names::is_our_name(VETH_PREFIX, &n));
         assert_eq!(n, veth_name("abc", &st));
         assert_ne!(n, veth_name("abd", &st));
         // Another container already holds the name "abc" hashes to: the salt picks another.
@@ -846,7 +835,5 @@ mod tests {
         let salted = veth_name("abc", &st);
         assert_ne!(salted, n);
         assert_eq!(salted, format!("nsh{:08x}", fnv("abc#1")));
-        assert!(!is_our_name(VETH_PREFIX, "nsh1234567"));
-        assert!(!is_our_name(VETH_PREFIX, "eth012345678"));
     }
 }

@@ -107,8 +107,9 @@ impl ContainerRecord {
     /// netshim's: a state file is input too (a forged or damaged one must not make poststop
     /// delete an arbitrary link or file).
     pub fn check(&self, state_dir: &Path) -> Result<(), String> {
-        use crate::modes::awsvpc::shared::VETH_PREFIX as SHARED;
-        use crate::modes::bridge::{VETH_PREFIX, is_our_name};
+        use crate::names::{
+            BRIDGE_VETH_PREFIX as VETH_PREFIX, SHARED_VETH_PREFIX as SHARED, is_our_name,
+        };
         if !crate::oci::valid_id(&self.id) {
             return Err("the container id is not one a runtime makes".into());
         }
@@ -131,7 +132,7 @@ impl ContainerRecord {
             if !e.name.is_empty() && !crate::config::valid_link_name(&e.name) {
                 return Err(format!("interface {:?} is not an interface name", e.name));
             }
-            let pin = crate::modes::awsvpc::pin_path(state_dir, &self.id);
+            let pin = crate::names::pin_path(state_dir, &self.id);
             if let Some(p) = &e.netns_pin
                 && *p != pin
             {

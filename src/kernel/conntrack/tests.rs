@@ -105,16 +105,20 @@ fn no_request_can_be_read_as_a_flush_of_the_whole_table() {
         addr: None,
         port: 53,
     }];
-    for stale in [
-        Stale::HostPorts(&one),
-        Stale::RepliesFrom(Ipv4Addr::new(10, 0, 0, 2)),
+    // A host port is matched on the original direction (the client's packets to it), a
+    // container's replies on the reply direction (its address as their source).
+    for (stale, tuple, not) in [
+        (Stale::HostPorts(&one), CTA_TUPLE_ORIG, CTA_TUPLE_REPLY),
+        (
+            Stale::RepliesFrom(Ipv4Addr::new(10, 0, 0, 2)),
+            CTA_TUPLE_REPLY,
+            CTA_TUPLE_ORIG,
+        ),
     ] {
         for m in filtered_deletes(stale).unwrap() {
             let kinds: Vec<u16> = top(&m).iter().map(|(k, _)| k & NLA_TYPE_MASK).collect();
-            assert!(
-                kinds.contains(&CTA_TUPLE_ORIG) || kinds.contains(&CTA_TUPLE_REPLY),
-                "{stale:?}: {kinds:?}"
-            );
+            assert!(kinds.contains(&tuple), "{stale:?}: {kinds:?}");
+            assert!(!kinds.contains(&not), "{stale:?}: {kinds:?}");
             assert!(kinds.contains(&CTA_FILTER));
         }
     }

@@ -7,8 +7,9 @@ use anyhow::{Context, anyhow, bail};
 use crate::kernel::{At, Kernel, Link, LinkChange};
 use crate::modes::awsvpc::eligible::{self, Use};
 use crate::modes::awsvpc::exclusive::{TASK_IF, configure};
-use crate::modes::awsvpc::{find, pin_path};
+use crate::modes::awsvpc::find;
 use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, with_rollback};
+use crate::names::pin_path;
 use crate::request::EniSpec;
 use crate::state::{EniRecord, State};
 use crate::types::Attachment;
@@ -129,7 +130,8 @@ pub fn apply(
         k.add_vlan(trunk.index, vlan, eni.mac, TASK_IF, c.ns)
             .map_err(|e| vlan_error(e, vlan, &trunk.name))?;
         crate::fault::point("branch-created");
-        configure(k, c.ns, eni).context("configure the branch ENI in the task")
+        configure(k, c.ns, eni).context("configure the branch ENI in the task")?;
+        super::firewall(k, c)
     })();
     let Err(e) = r else { return Ok(()) };
     let mut left = ReleaseErrors::default();

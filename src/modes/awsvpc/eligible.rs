@@ -11,8 +11,9 @@ use anyhow::{Context, bail};
 
 use crate::config::Config;
 use crate::kernel::{At, Kernel, Link};
-use crate::modes::awsvpc::shared::{HOST_VETH_MAC, TABLE_BASE, VETH_PREFIX as SHARED_PREFIX};
-use crate::modes::bridge::{VETH_PREFIX, bridge_mac, is_our_name};
+use crate::modes::awsvpc::shared::{HOST_VETH_MAC, TABLE_BASE};
+use crate::modes::bridge::bridge_mac;
+use crate::names::{BRIDGE_VETH_PREFIX, SHARED_VETH_PREFIX, is_our_name};
 use crate::state::State;
 use crate::state::claims::TRUNK;
 use crate::types::Attachment;
@@ -64,8 +65,8 @@ pub fn check(
     if link.loopback || name == "lo" {
         return refuse("the loopback interface: only an ENI can be given to a task".into());
     }
-    if is_our_name(VETH_PREFIX, name)
-        || is_our_name(SHARED_PREFIX, name)
+    if is_our_name(BRIDGE_VETH_PREFIX, name)
+        || is_our_name(SHARED_VETH_PREFIX, name)
         || link.mac == Some(HOST_VETH_MAC)
         || name == &cfg.bridge_name
         || link.mac == Some(bridge_mac(&cfg.bridge_name))

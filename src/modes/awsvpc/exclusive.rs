@@ -8,8 +8,9 @@ use anyhow::{Context, anyhow, bail};
 
 use crate::kernel::{At, Kernel, Link, LinkChange, MAIN_TABLE, Route};
 use crate::modes::awsvpc::eligible::{self, Use};
-use crate::modes::awsvpc::{ALIAS_PREFIX, find, pin_path};
+use crate::modes::awsvpc::find;
 use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, with_rollback};
+use crate::names::{eni_alias, pin_path};
 use crate::request::EniSpec;
 use crate::state::{EniRecord, State};
 use crate::types::Attachment;
@@ -87,14 +88,15 @@ fn steps(
     done.pinned = true;
     crate::fault::point("awsvpc-pinned");
     // The original name travels with the interface too, for whoever finds it later.
-    k.set_alias(link.index, &format!("{ALIAS_PREFIX}{}", link.name))
+    k.set_alias(link.index, &eni_alias(&link.name))
         .context("record the original name in the link alias")?;
     done.alias = Some(link.alias.clone());
     k.move_link(At::Host, link.index, At::Netns(c.ns), TASK_IF)
         .with_context(|| format!("move {} into the task's netns as {TASK_IF}", link.name))?;
     done.moved = true;
     crate::fault::point("awsvpc-moved");
-    configure(k, c.ns, eni).context("configure the ENI in the task")
+    configure(k, c.ns, eni).context("configure the ENI in the task")?;
+    super::firewall(k, c)
 }
 
 /// Inside the task: `lo` up, the interface with `eni`'s MTU, addresses, state and gateways.

@@ -16,7 +16,6 @@ pub mod eligible;
 pub mod exclusive;
 pub mod shared;
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -24,13 +23,10 @@ use anyhow::{Context, bail};
 use crate::config::AwsvpcConfig;
 use crate::kernel::{At, Kernel, Link};
 use crate::metadata;
-use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, task_firewall, with_rollback};
+use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, task_firewall};
 use crate::request::{EniSpec, HostPorts, PortMapping};
 use crate::state::{ContainerRecord, PortRecord, State};
-use crate::types::{Attachment, MacAddr, NetworkMode};
-
-/// Link alias of an ENI given to a task: this prefix and its name on the host.
-pub const ALIAS_PREFIX: &str = "netshim:";
+use crate::types::{Attachment, MacAddr};
 
 /// Fills in an ENI given by MAC alone from instance metadata (before the lock: a network wait).
 pub fn resolve(cfg: &AwsvpcConfig, mut eni: EniSpec) -> anyhow::Result<EniSpec> {
@@ -106,12 +102,6 @@ pub fn ports(mappings: &[PortMapping]) -> Vec<PortRecord> {
     out
 }
 
-/// Where an exclusive or branch task's netns is pinned: under the state dir, named by the id
-/// (container ids are checked to be safe file names).
-pub fn pin_path(state_dir: &Path, id: &str) -> PathBuf {
-    state_dir.join("netns").join(id)
-}
-
 /// Refuses at once, from the ledger alone, an ENI (or trunk) another task holds in a way that
 /// excludes this request: such an interface will not appear on the host, so waiting for it is
 /// pointless. The full check runs under the lock.
@@ -150,7 +140,9 @@ pub fn plan(c: &SetupCtx, k: &mut dyn Kernel, state: &mut State) -> anyhow::Resu
     Ok(f)
 }
 
-/// Applies the plan, then the task's firewall; on error everything is undone.
+/// Applies the plan, the task's firewall last; on error the attachment's own rollback undoes
+/// everything, restoring what the task's record alone does not know (an ENI's or trunk's
+/// state and alias, proxy ARP).
 pub fn apply(
     k: &mut dyn Kernel,
     c: &SetupCtx,
@@ -161,23 +153,20 @@ pub fn apply(
         bail!("awsvpc plan without an ENI");
     };
     match rec.attachment {
-        Attachment::Exclusive => exclusive::apply(k, c, eni, rec)?,
-        Attachment::Shared => shared::apply(k, c, state, eni, rec, f)?,
-        Attachment::Branch => branch::apply(k, c, eni, rec)?,
+        Attachment::Exclusive => exclusive::apply(k, c, eni, rec),
+        Attachment::Shared => shared::apply(k, c, state, eni, rec, f),
+        Attachment::Branch => branch::apply(k, c, eni, rec),
     }
-    if let Err(e) = task_firewall(
+}
+
+/// The last step of every attachment's setup: the task's own firewall.
+fn firewall(k: &mut dyn Kernel, c: &SetupCtx) -> anyhow::Result<()> {
+    task_firewall(
         k,
         c.ns,
         c.req.ingress.as_deref(),
         c.cfg.awsvpc.allow_metadata_access,
-    ) {
-        let mut rec_full = ContainerRecord::new(c.id, NetworkMode::Awsvpc);
-        f.clone().fill(&mut rec_full);
-        let mut left = ReleaseErrors::default();
-        teardown(k, state, &rec_full, &mut left);
-        return Err(with_rollback(e, left.into_result()));
-    }
-    Ok(())
+    )
 }
 
 /// Undoes an awsvpc setup from its record; idempotent.
@@ -198,19 +187,6 @@ pub fn teardown(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn awsvpc_ports_are_the_container_ports() {
-        let m = crate::request::parse_mappings(
-            r#"[{"containerPort":80},{"containerPort":81,"hostPort":81}]"#,
-        )
-        .unwrap();
-        let p = ports(&m);
-        assert!(
-            p.iter()
-                .all(|r| r.host_port == r.container_port && !r.dynamic)
-        );
-    }
-}
+mod testkit;
+#[cfg(test)]
+mod tests;

@@ -11,8 +11,8 @@ use ipnetwork::Ipv4Network;
 use crate::kernel::{At, Kernel, Link, LinkChange, MAIN_TABLE, Route};
 use crate::modes::awsvpc::eligible::{self, Use};
 use crate::modes::awsvpc::find;
-use crate::modes::bridge::link_name;
 use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, with_rollback};
+use crate::names::{SHARED_VETH_PREFIX, link_name, owner_alias};
 use crate::request::EniSpec;
 use crate::state::{ContainerRecord, EniRecord, State};
 use crate::types::{Attachment, MacAddr, NetworkMode};
@@ -25,8 +25,6 @@ pub const TABLE_BASE: u32 = 10000;
 pub const LINK_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// MAC of every shared-ENI host veth end (each is its own point-to-point link).
 pub const HOST_VETH_MAC: MacAddr = MacAddr([0xee, 0xee, 0xee, 0xee, 0xee, 0xee]);
-/// Prefix of the host end of a shared-ENI task's veth (`nsa` + 8 hex digits).
-pub const VETH_PREFIX: &str = "nsa";
 
 /// How many tasks other than `except` use the shared ENI `mac`.
 pub fn users(state: &State, mac: MacAddr, except: &str) -> usize {
@@ -82,7 +80,9 @@ pub fn plan(
     let gw = eni
         .gateway4()
         .ok_or_else(|| anyhow!("ENI {}: no gateway", eni.mac))?;
-    let veth = link_name(VETH_PREFIX, c.id, &|n| state.link_holder(n, c.id).is_some());
+    let veth = link_name(SHARED_VETH_PREFIX, c.id, &|n| {
+        state.link_holder(n, c.id).is_some()
+    });
     Ok(ModeFields {
         ip: Some(ip),
         eni: Some(EniRecord {
@@ -233,7 +233,7 @@ fn steps(
     )
     .with_context(|| format!("bring veth {veth} up"))?;
     // The alias tells this instance's veths from another's (`shim gc` sweeps only its own).
-    k.set_alias(vidx, &crate::reap::owner_alias(c.cfg))
+    k.set_alias(vidx, &owner_alias(c.cfg))
         .with_context(|| format!("mark veth {veth} as this netshim's"))?;
     k.add_route(
         At::Host,
@@ -248,7 +248,8 @@ fn steps(
     .with_context(|| format!("host route to {ip}"))?;
     k.add_rule(ip, table, RULE_PRIORITY)
         .with_context(|| format!("rule from {ip} lookup {table}"))?;
-    task_side(k, c, eni, ip).context("configure the task's side")
+    task_side(k, c, eni, ip).context("configure the task's side")?;
+    super::firewall(k, c)
 }
 
 /// Inside the task: `lo` and `eth0` up, the /32, the link-local gateway and its neighbour entry.
