@@ -24,6 +24,7 @@ pub fn gc(g: &Globals) -> anyhow::Result<()> {
     let mut state = sd.open(&lock)?;
     let mut k = HostKernel::new();
     let mut failed: Vec<String> = Vec::new();
+    sd.sweep_temp_everywhere(&lock)?;
     for id in reap::recover(&mut k, &sd, &lock, &mut state)? {
         println!(
             "rolled back the unfinished setup of {}",

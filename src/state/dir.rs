@@ -158,16 +158,32 @@ pub fn read_records(records: &Path) -> Result<(Vec<ContainerRecord>, Unreadable)
 /// Replaces `dir/name` atomically: a temp file created exclusively, written, renamed; with
 /// `sync`, fsynced before and the directory after.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> io::Result<()> {
+    write_atomic_via(dir, &format!(".{name}.tmp"), dir, name, bytes, sync)
+}
+
+/// [`write_atomic`] with the temp file `tmp_name` in `tmp_dir` (same file system), renamed into
+/// `dir`: records are written through the small intent directory, so that sweeping the temp
+/// files a kill left behind never has to list every record.
+fn write_atomic_via(
+    tmp_dir: &Path,
+    tmp_name: &str,
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    sync: bool,
+) -> io::Result<()> {
     let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = tmp_dir.join(tmp_name);
     // A temp file left by a crash (or planted: creation below refuses to follow anything).
     let _ = fs::remove_file(&tmp);
     let mut f = match create_excl(&tmp) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)?;
+            for d in [tmp_dir, dir] {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(d)?;
+            }
             create_excl(&tmp)?
         }
         r => r?,
@@ -176,7 +192,17 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> io::Result<
         .write_all(bytes)
         .and_then(|()| if sync { f.sync_all() } else { Ok(()) });
     drop(f);
-    if let Err(e) = r.and_then(|()| fs::rename(&tmp, &path)) {
+    let r = r.and_then(|()| match fs::rename(&tmp, &path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound && tmp_dir != dir => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            fs::rename(&tmp, &path)
+        }
+        r => r,
+    });
+    if let Err(e) = r {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
@@ -460,8 +486,16 @@ impl StateDir {
 
     fn write_record(&self, r: &ContainerRecord) -> Result<(), StateError> {
         let bytes = serde_json::to_vec(r).map_err(|e| io_err(&self.records(), e.into()))?;
-        write_atomic(&self.records(), &format!("{}.json", r.id), &bytes, true)
-            .map_err(|e| io_err(&record_path(&self.records(), &r.id), e))
+        let name = format!("{}.json", r.id);
+        write_atomic_via(
+            &self.pending_dir(),
+            &format!(".{name}.record.tmp"),
+            &self.records(),
+            &name,
+            &bytes,
+            true,
+        )
+        .map_err(|e| io_err(&record_path(&self.records(), &r.id), e))
     }
 
     fn add_claims(&self, r: &ContainerRecord) -> Result<(), StateError> {
@@ -524,16 +558,27 @@ impl StateDir {
         Ok(())
     }
 
-    /// Removes the temp files of writes a kill interrupted (`.<name>.tmp` in the intent and
-    /// record directories): under the lock no write is under way, and an intent or record that
-    /// never got its name committed nothing. Returns what it removed.
-    pub fn sweep_temp(&self, _lock: &Lock) -> Result<Vec<PathBuf>, StateError> {
+    /// Removes the temp files of writes a kill interrupted (`.<name>.tmp`, all written in the
+    /// intent directory, which holds only the setups under way): under the lock no write is
+    /// under way, and an intent or record that never got its name committed nothing. Returns
+    /// what it removed. Every hook runs it, so it never lists the records.
+    pub fn sweep_temp(&self, lock: &Lock) -> Result<Vec<PathBuf>, StateError> {
+        self.sweep_temp_in(&[self.pending_dir()], lock)
+    }
+
+    /// [`Self::sweep_temp`], and the record directory too, where versions before records were
+    /// written through the intent directory left their temp files (`shim gc`).
+    pub fn sweep_temp_everywhere(&self, lock: &Lock) -> Result<Vec<PathBuf>, StateError> {
+        self.sweep_temp_in(&[self.pending_dir(), self.records()], lock)
+    }
+
+    fn sweep_temp_in(&self, dirs: &[PathBuf], _lock: &Lock) -> Result<Vec<PathBuf>, StateError> {
         let mut gone = Vec::new();
-        for dir in [self.pending_dir(), self.records()] {
-            let entries = match fs::read_dir(&dir) {
+        for dir in dirs {
+            let entries = match fs::read_dir(dir) {
                 Ok(e) => e,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&dir, e)),
+                Err(e) => return Err(io_err(dir, e)),
             };
             for e in entries.flatten() {
                 let name = e.file_name();
@@ -552,18 +597,8 @@ impl StateDir {
     /// Intents of setups that did not finish (their writer died: only a lock holder writes
     /// them, and it finishes or abandons them before letting go).
     pub fn pending(&self) -> Result<Vec<ContainerRecord>, StateError> {
-        // Temp files of writes a kill interrupted: never read, safe to drop under the lock.
-        for d in [self.pending_dir(), self.records()] {
-            if let Ok(entries) = fs::read_dir(&d) {
-                for e in entries.flatten() {
-                    let n = e.file_name();
-                    let n = n.to_string_lossy();
-                    if n.starts_with('.') && n.ends_with(".tmp") {
-                        let _ = fs::remove_file(e.path());
-                    }
-                }
-            }
-        }
+        // Temp files of interrupted writes (`.<name>.tmp`) are not read here: `sweep_temp`
+        // removes them under the lock.
         read_records(&self.pending_dir()).map(|(r, bad)| {
             // An intent that does not parse held nothing that is not also in its claims:
             // drop it; `shim gc` reconciles claims and kernel objects.
@@ -672,6 +707,16 @@ mod tests {
         v.cursors.port = Some(49153);
         sd.commit(&r, &mut v, &lock).unwrap();
         assert!(sd.pending().unwrap().is_empty());
+        let names = |sub: &str| -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(d.join(sub))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names("containers"), vec!["a.json"], "only the record");
+        assert!(names("pending").is_empty(), "no temp file left behind");
         let snap = sd.load().unwrap();
         assert_eq!(snap.containers.get("a"), Some(&r));
         assert_eq!(snap.cursors.port, Some(49153));
@@ -731,11 +776,21 @@ mod tests {
             fs::create_dir_all(d.join(sub)).unwrap();
             fs::write(d.join(sub).join(".a.json.tmp"), b"{\"half").unwrap();
         }
+        fs::write(d.join("pending/.c.json.record.tmp"), b"{\"half").unwrap();
         fs::write(d.join("containers/b.json"), b"{}").unwrap();
         let lock = sd.lock().unwrap();
+        // A hook's sweep lists the intent directory only, where every temp file is written.
         let gone = sd.sweep_temp(&lock).unwrap();
         assert_eq!(gone.len(), 2, "{gone:?}");
         assert!(!d.join("pending/.a.json.tmp").exists());
+        assert!(!d.join("pending/.c.json.record.tmp").exists());
+        assert!(
+            d.join("containers/.a.json.tmp").exists(),
+            "not listed by a hook"
+        );
+        // gc's sweep also takes what older versions left among the records.
+        let gone = sd.sweep_temp_everywhere(&lock).unwrap();
+        assert_eq!(gone, vec![d.join("containers/.a.json.tmp")]);
         assert!(d.join("containers/b.json").exists(), "records are kept");
         drop(lock);
         fs::remove_dir_all(&d).unwrap();
@@ -769,13 +824,15 @@ mod tests {
         sd.ensure().unwrap();
         let victim = d.with_extension("victim");
         fs::write(&victim, b"keep").unwrap();
-        fs::create_dir_all(d.join("containers")).unwrap();
-        std::os::unix::fs::symlink(&victim, d.join("containers/.a.json.tmp")).unwrap();
+        fs::create_dir_all(d.join("pending")).unwrap();
+        let planted = d.join("pending/.a.json.record.tmp");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
         let lock = sd.lock().unwrap();
         let mut v = sd.open(&lock).unwrap();
         sd.commit(&record("a"), &mut v, &lock).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"keep");
-        assert!(!d.join("containers/.a.json.tmp").exists());
+        assert!(!planted.exists());
+        assert!(d.join("containers/a.json").exists());
         fs::remove_file(&victim).unwrap();
         fs::remove_dir_all(&d).unwrap();
     }
