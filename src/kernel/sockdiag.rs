@@ -94,7 +94,9 @@ mod tests {
     #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
     fn counts_a_connection_in_this_namespace() {
         let ns = File::open("/proc/self/ns/net").unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        // The wildcard address: no other socket of this netns (another test's listener on
+        // another address, say) can then have the same local port; only loopback connects.
+        let l = TcpListener::bind("0.0.0.0:0").unwrap();
         let port = l.local_addr().unwrap().port();
         assert_eq!(busy_on_ports(ns.as_fd(), &[port]).unwrap(), 0);
         let c = TcpStream::connect(("127.0.0.1", port)).unwrap();

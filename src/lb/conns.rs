@@ -89,7 +89,9 @@ mod tests {
 
     #[test]
     fn sees_a_real_connection_of_this_process() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        // The wildcard address: no other socket of this netns (another test's listener on
+        // another address, say) can then have the same local port; only loopback connects.
+        let l = TcpListener::bind("0.0.0.0:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let pid = std::process::id() as i32;
         assert_eq!(count(pid, &[port]).unwrap(), 0);
