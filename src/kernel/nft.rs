@@ -206,6 +206,28 @@ pub struct Element {
     pub data: Option<Vec<Field>>,
 }
 
+/// As `nft list` prints an element: `10.0.0.2 . tcp . 80` or `key : data`.
+impl std::fmt::Display for Element {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fields = |fs: &[Field]| {
+            fs.iter()
+                .map(|f| match f {
+                    Field::Ipv4(a) => a.to_string(),
+                    Field::Proto(IPPROTO_TCP) => "tcp".into(),
+                    Field::Proto(IPPROTO_UDP) => "udp".into(),
+                    Field::Proto(p) => p.to_string(),
+                    Field::Port(p) => p.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(" . ")
+        };
+        match &self.data {
+            Some(d) => write!(f, "{} : {}", fields(&self.key), fields(d)),
+            None => f.write_str(&fields(&self.key)),
+        }
+    }
+}
+
 /// One operation of a transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -1218,82 +1240,6 @@ mod tests {
             b.push(Op::DelTable(t.clone()));
             n.apply(&b).unwrap();
             assert!(n.apply(&b).unwrap_err().is_missing());
-        });
-    }
-
-    /// Benchmark, not a check: one mapping's add and delete transactions (a `ports` element and
-    /// its `mapped` entry each), timed over many rounds in a private netns. Run with
-    /// `cargo test --release --bin shim -- --ignored --nocapture transaction_cost`.
-    #[test]
-    #[ignore]
-    fn transaction_cost() {
-        use crate::firewall::{Layout, add_elements, concat, delete_elements};
-        use crate::state::PortRecord;
-        use crate::types::Protocol;
-        in_private_netns(|| {
-            let l = Layout {
-                table: "netshim",
-                bridge: "netshim0",
-                subnet: "10.213.0.0/16".parse().unwrap(),
-            };
-            let mut n = Nft::open().unwrap();
-            n.apply(&l.table_definition().unwrap()).unwrap();
-            for preload in [0u16, 1000] {
-                let filler: Vec<PortRecord> = (0..preload)
-                    .map(|i| PortRecord {
-                        protocol: Protocol::Tcp,
-                        container_port: 80,
-                        host_port: 20000 + i,
-                        host_ip: None,
-                        name: None,
-                        dynamic: true,
-                    })
-                    .collect();
-                n.apply(&add_elements("netshim", [10, 213, 1, 1].into(), &filler))
-                    .unwrap();
-                let p = [PortRecord {
-                    protocol: Protocol::Tcp,
-                    container_port: 80,
-                    host_port: 40000,
-                    host_ip: None,
-                    name: None,
-                    dynamic: true,
-                }];
-                let add = add_elements("netshim", [10, 213, 0, 2].into(), &p);
-                let del = concat(&delete_elements("netshim", &p, &|_| false));
-                let rounds = 2000;
-                let (mut ta, mut td) = (0u128, 0u128);
-                for _ in 0..rounds {
-                    let t0 = std::time::Instant::now();
-                    n.apply(&add).unwrap();
-                    let t1 = std::time::Instant::now();
-                    n.apply(&del).unwrap();
-                    ta += (t1 - t0).as_nanos();
-                    td += t1.elapsed().as_nanos();
-                }
-                println!(
-                    "netlink, {preload} elements present: add {:.1} µs, delete {:.1} µs (mean of {rounds})",
-                    ta as f64 / rounds as f64 / 1000.0,
-                    td as f64 / rounds as f64 / 1000.0
-                );
-                let t = TableRef::new(Family::Ip, "netshim");
-                let check = std::time::Instant::now();
-                for _ in 0..rounds {
-                    n.rule_counts(&t).unwrap();
-                }
-                println!(
-                    "netlink, {preload} elements present: rule dump (health check) {:.1} µs",
-                    check.elapsed().as_nanos() as f64 / rounds as f64 / 1000.0
-                );
-                let open = std::time::Instant::now();
-                for _ in 0..rounds {
-                    let _ = Nft::open().unwrap();
-                }
-                println!(
-                    "netlink socket open: {:.1} µs",
-                    open.elapsed().as_nanos() as f64 / rounds as f64 / 1000.0
-                );
-            }
         });
     }
 }

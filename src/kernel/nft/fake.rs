@@ -109,7 +109,7 @@ impl Tables {
                         key: k.clone(),
                         data: d.clone(),
                     };
-                    out.push(format!("{name} {{ {} }}", crate::firewall::describe(&e)));
+                    out.push(format!("{name} {{ {e} }}"));
                 }
             }
         }
