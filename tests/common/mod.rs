@@ -496,6 +496,31 @@ impl Rig {
             .join("\n")
     }
 
+    /// How many elements each non-empty map and set of the shim's table holds, by name (empty
+    /// if the table is absent).
+    pub fn nft_element_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let out = command_in(&self.host, "/usr/sbin/nft")
+            .args(["-j", "list", "table", "ip", "netshim"])
+            .output()
+            .expect("nft");
+        let mut found = std::collections::BTreeMap::new();
+        if !out.status.success() {
+            return found;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft json");
+        for o in v["nftables"].as_array().into_iter().flatten() {
+            for kind in ["set", "map"] {
+                if let Some(s) = o.get(kind) {
+                    let n = s["elem"].as_array().map_or(0, Vec::len);
+                    if n > 0 {
+                        found.insert(s["name"].as_str().unwrap_or("?").to_string(), n);
+                    }
+                }
+            }
+        }
+        found
+    }
+
     pub fn nft(&self, args: &[&str]) -> Output {
         must_output(command_in(&self.host, "/usr/sbin/nft").args(args))
     }
