@@ -788,3 +788,152 @@ fn reset_force_and_gc_delete_many_veths_at_once_and_only_theirs() {
     let links = ip(&["-n", &rig.host, "-o", "link", "show"]);
     assert!(!links.contains("netshim0"), "bridge left: {links}");
 }
+
+/// Runs `f` for every item on a thread of its own, all at once; the results in order.
+fn all_at_once<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = items.iter().map(|x| s.spawn(|| f(x))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn bridge_state(rig: &Rig, i: usize) -> String {
+    rig.oci_state(
+        i,
+        &[
+            ("netshim.network-mode", "bridge"),
+            ("netshim.port-mappings", r#"[{"containerPort":80}]"#),
+        ],
+    )
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn sixty_four_concurrent_setups_then_teardowns_are_distinct_serve_and_leave_nothing() {
+    let mut rig = Rig::new(CFG);
+    let n = 64;
+    let ids: Vec<usize> = (0..n).map(|_| rig.container()).collect();
+    let states: Vec<String> = ids.iter().map(|&i| bridge_state(&rig, i)).collect();
+    for (o, i) in all_at_once(&states, |st| rig.shim(&["hook", "createRuntime"], st))
+        .iter()
+        .zip(&ids)
+    {
+        must_succeed(o, &format!("setup of container {i}"));
+    }
+    let ports = rig.ports();
+    assert_eq!(ports.len(), n);
+    let mut hp: Vec<u64> = ports
+        .iter()
+        .map(|p| p["hostPort"].as_u64().unwrap())
+        .collect();
+    let mut ips: Vec<String> = ports
+        .iter()
+        .map(|p| p["containerIP"].as_str().unwrap().to_string())
+        .collect();
+    hp.sort();
+    hp.dedup();
+    ips.sort();
+    ips.dedup();
+    assert_eq!((hp.len(), ips.len()), (n, n), "duplicates: {ports:?}");
+    assert_eq!(rig.veths().len(), n);
+    for &i in &ids {
+        let reply = format!("c{i}");
+        let server = tcp_serve_once(&rig.containers[i].ns, 80, &reply);
+        let p = rig.host_port(i, 80, "tcp");
+        assert_eq!(
+            tcp_get(&rig.client, HOST_IP, p, PATIENT).as_deref(),
+            Ok(reply.as_str()),
+            "container {i}'s port {p}"
+        );
+        assert!(server.join().unwrap());
+    }
+    // As a runtime does: the processes die, then 64 poststops at once.
+    for &i in &ids {
+        rig.containers[i].destroy();
+    }
+    for (o, i) in all_at_once(&ids, |&i| rig.poststop(i)).iter().zip(&ids) {
+        must_succeed(o, &format!("poststop of container {i}"));
+    }
+    assert_eq!(rig.veths(), Vec::<String>::new(), "veths left");
+    assert_eq!(rig.nft_elements(), "", "map elements left");
+    assert_eq!(rig.recorded(), Vec::<String>::new(), "records left");
+    assert!(rig.ports().is_empty());
+    let gc = rig.shim(&["gc"], "");
+    must_succeed(&gc, "gc");
+    assert_eq!(String::from_utf8_lossy(&gc.stdout), "", "gc had to repair");
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn a_burst_of_setups_teardowns_gc_and_reload_all_succeed_and_ends_consistent() {
+    let mut rig = Rig::new(CFG);
+    let old: Vec<usize> = (0..16).map(|_| rig.container()).collect();
+    for &i in &old {
+        must_succeed(&rig.setup(i, r#"[{"containerPort":80}]"#), "setup");
+    }
+    let new: Vec<usize> = (0..16).map(|_| rig.container()).collect();
+    for &i in &old {
+        rig.containers[i].destroy();
+    }
+    // 16 setups, 16 poststops (of dead containers, which a concurrent gc may reap first),
+    // 4 gc and 4 reload, all at once.
+    let mut jobs: Vec<(String, Vec<&str>, String)> = Vec::new();
+    for &i in &new {
+        jobs.push((
+            format!("setup {i}"),
+            vec!["hook", "createRuntime"],
+            bridge_state(&rig, i),
+        ));
+    }
+    for &i in &old {
+        let id = &rig.containers[i].id;
+        jobs.push((
+            format!("poststop {i}"),
+            vec!["hook", "poststop"],
+            format!(
+                r#"{{"ociVersion":"1.0.2","id":"{id}","status":"stopped","bundle":"/nonexistent"}}"#
+            ),
+        ));
+    }
+    for k in 0..4 {
+        jobs.push((format!("gc {k}"), vec!["gc"], String::new()));
+        jobs.push((format!("reload {k}"), vec!["reload"], String::new()));
+    }
+    for ((what, _, _), o) in jobs
+        .iter()
+        .zip(all_at_once(&jobs, |(_, args, st)| rig.shim(args, st)))
+    {
+        must_succeed(&o, what);
+    }
+    // Consistent: exactly the new containers, each served, and nothing for gc to repair.
+    let mut want: Vec<String> = new.iter().map(|&i| rig.containers[i].id.clone()).collect();
+    want.sort();
+    assert_eq!(rig.recorded(), want);
+    assert_eq!(rig.veths().len(), new.len(), "{:?}", rig.veths());
+    assert_eq!(rig.ports().len(), new.len());
+    assert_eq!(
+        rig.nft_element_counts().get("ports").copied(),
+        Some(new.len())
+    );
+    let gc = rig.shim(&["gc"], "");
+    must_succeed(&gc, "gc");
+    assert_eq!(String::from_utf8_lossy(&gc.stdout), "", "gc had to repair");
+    for &i in &new {
+        let reply = format!("n{i}");
+        let server = tcp_serve_once(&rig.containers[i].ns, 80, &reply);
+        let p = rig.host_port(i, 80, "tcp");
+        assert_eq!(
+            tcp_get(&rig.client, HOST_IP, p, PATIENT).as_deref(),
+            Ok(reply.as_str()),
+            "container {i}'s port {p}"
+        );
+        assert!(server.join().unwrap());
+    }
+    for &i in &new {
+        rig.containers[i].destroy();
+        must_succeed(&rig.poststop(i), "poststop");
+    }
+    assert_eq!(rig.veths(), Vec::<String>::new(), "veths left");
+    assert_eq!(rig.nft_elements(), "", "map elements left");
+    assert_eq!(rig.recorded(), Vec::<String>::new(), "records left");
+}

@@ -555,6 +555,30 @@ pub fn tcp_server(ns: &str, port: u16, reply: &str) {
     });
 }
 
+/// A TCP server in netns `ns` that answers one connection with `reply` (or gives up after 10 s)
+/// and closes, so nothing of the test holds the namespace afterwards. Returns once listening;
+/// join it to know it served.
+pub fn tcp_serve_once(ns: &str, port: u16, reply: &str) -> thread::JoinHandle<bool> {
+    let reply = reply.to_string();
+    let l = in_ns(ns, move || {
+        TcpListener::bind(("0.0.0.0", port)).expect("bind tcp")
+    });
+    thread::spawn(move || {
+        l.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    return s.write_all(reply.as_bytes()).is_ok();
+                }
+                Err(_) => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        false
+    })
+}
+
 /// A UDP server in netns `ns` answering each datagram with `reply`.
 pub fn udp_server(ns: &str, port: u16, reply: &str) {
     let reply = reply.to_string();
