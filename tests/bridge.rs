@@ -937,3 +937,99 @@ fn a_burst_of_setups_teardowns_gc_and_reload_all_succeed_and_ends_consistent() {
     assert_eq!(rig.nft_elements(), "", "map elements left");
     assert_eq!(rig.recorded(), Vec::<String>::new(), "records left");
 }
+
+/// Writes `value` to `/proc/sys/<path>` in netns `ns`.
+fn set_sysctl(ns: &str, path: &str, value: &str) {
+    let path = format!("/proc/sys/{path}");
+    let value = value.to_string();
+    in_ns(ns, move || fs::write(&path, value).expect("write sysctl"));
+}
+
+/// The sysctls that differ between two snapshots, as (path, before, after).
+fn sysctl_diff(
+    before: &std::collections::BTreeMap<String, String>,
+    after: &std::collections::BTreeMap<String, String>,
+) -> Vec<(String, Option<String>, Option<String>)> {
+    let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    keys.into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| (k.clone(), before.get(k).cloned(), after.get(k).cloned()))
+        .collect()
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn a_setup_that_fails_after_its_sysctls_puts_back_exactly_what_it_changed() {
+    let mut rig = Rig::new(CFG);
+    // A host with forwarding off: the first setup turns it on (and route_localnet on the bridge
+    // it creates), then fails (the container already has an eth0).
+    set_sysctl(&rig.host, "net/ipv4/ip_forward", "0");
+    let a = rig.container();
+    ip(&[
+        "-n",
+        &rig.containers[a].ns,
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0p",
+    ]);
+    let before = net_sysctls(&rig.host);
+    let out = rig.setup(
+        a,
+        r#"[{"containerPort":80},{"containerPort":53,"protocol":"udp"}]"#,
+    );
+    must_fail_with(&out, &["eth0"]);
+    assert_eq!(
+        sysctl_diff(&before, &net_sysctls(&rig.host)),
+        vec![],
+        "sysctls changed by a failed setup"
+    );
+    assert_eq!(rig.veths(), Vec::<String>::new());
+    assert!(rig.recorded().is_empty());
+
+    // A bridge that exists (another container uses it) with route_localnet and forwarding
+    // found off: a failed setup turns them on and off again; the good setup keeps them on.
+    let b = rig.container();
+    must_succeed(&rig.setup(b, r#"[{"containerPort":80}]"#), "setup b");
+    set_sysctl(&rig.host, "net/ipv4/ip_forward", "0");
+    set_sysctl(&rig.host, "net/ipv4/conf/netshim0/route_localnet", "0");
+    let c = rig.container();
+    ip(&[
+        "-n",
+        &rig.containers[c].ns,
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0p",
+    ]);
+    let before = net_sysctls(&rig.host);
+    must_fail_with(&rig.setup(c, r#"[{"containerPort":80}]"#), &["eth0"]);
+    assert_eq!(
+        sysctl_diff(&before, &net_sysctls(&rig.host)),
+        vec![],
+        "sysctls changed by a failed setup"
+    );
+    let d = rig.container();
+    must_succeed(&rig.setup(d, r#"[{"containerPort":80}]"#), "setup d");
+    let after = net_sysctls(&rig.host);
+    assert_eq!(
+        after
+            .get("/proc/sys/net/ipv4/ip_forward")
+            .map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(
+        after
+            .get("/proc/sys/net/ipv4/conf/netshim0/route_localnet")
+            .map(String::as_str),
+        Some("1")
+    );
+}

@@ -735,6 +735,30 @@ pub fn reserved_ports(ns: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Every readable sysctl under `/proc/sys/net/ipv4` and `/proc/sys/net/ipv6/conf` of netns `ns`,
+/// by path: equal before and after means nothing changed them.
+pub fn net_sysctls(ns: &str) -> std::collections::BTreeMap<String, String> {
+    fn walk(dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if let Ok(v) = fs::read_to_string(&p) {
+                out.insert(p.display().to_string(), v.trim().to_string());
+            }
+        }
+    }
+    in_ns(ns, || {
+        let mut out = std::collections::BTreeMap::new();
+        walk(Path::new("/proc/sys/net/ipv4"), &mut out);
+        walk(Path::new("/proc/sys/net/ipv6/conf"), &mut out);
+        out
+    })
+}
+
 /// The ids of the committed records in a state dir, sorted.
 pub fn ledger_ids(state_dir: &Path) -> Vec<String> {
     let mut ids: Vec<String> = fs::read_dir(state_dir.join("containers"))

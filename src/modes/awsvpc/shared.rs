@@ -104,6 +104,8 @@ pub fn plan(
 struct Done {
     brought_up: bool,
     proxy_arp_was: Option<String>,
+    /// `ip_forward` as this setup found it, when it changed it.
+    forward_was: Option<crate::kernel::sysctl::Changed>,
 }
 
 fn table_routes(subnet: Ipv4Network, gw: Ipv4Addr, oif: u32, table: u32) -> [Route; 2] {
@@ -162,6 +164,12 @@ pub fn apply(
             left.push("restore the state of", &rec.name, x);
         }
     }
+    // Forwarding was off before this setup turned it on: nothing else needed it.
+    if let Some(c) = &done.forward_was
+        && let Err(x) = k.restore_sysctl(c)
+    {
+        left.push("restore", "ip_forward", x);
+    }
     Err(with_rollback(e, left.into_result()))
 }
 
@@ -198,7 +206,7 @@ fn steps(
         .with_context(|| format!("bring {name} up"))?;
         done.brought_up = true;
     }
-    k.enable_forwarding().context("enable IPv4 forwarding")?;
+    done.forward_was = k.enable_forwarding().context("enable IPv4 forwarding")?;
     let was = k
         .set_conf(name, "proxy_arp", "1")
         .with_context(|| format!("enable proxy ARP on {name}"))?;
