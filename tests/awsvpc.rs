@@ -1166,3 +1166,48 @@ fn a_failed_exclusive_setup_leaves_no_pin_and_no_empty_netns_directory() {
         netns.display()
     );
 }
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn shared_eni_addresses_instance_metadata_does_not_list_are_refused_and_change_nothing() {
+    let mut vpc = Vpc::new(&[]);
+    let e = vpc.attach_eni();
+    // Metadata: primary .30, secondaries .31 and .32.
+    vpc.meta.know(
+        &e.mac,
+        &[ip4("10.0.1.30"), ip4("10.0.1.31"), ip4("10.0.1.32")],
+    );
+    let (a, b) = (vpc.task(), vpc.task());
+    let ledger_before = ledger_fingerprint(&vpc.state_dir());
+    let host_before = (
+        link_names(&vpc.host),
+        ip_text(&vpc.host, &["rule", "show"]),
+        ip_text(&vpc.host, &["-4", "route", "show", "table", "all"]),
+    );
+    for (bad, why) in [
+        ("10.0.1.33", "not among the ENI's secondary addresses"),
+        ("10.0.1.30", "primary address"),
+    ] {
+        let out = vpc.setup(
+            a,
+            &shared(&e, &["10.0.1.31/24", &format!("{bad}/24")]),
+            "",
+            None,
+        );
+        must_fail_with(&out, &[&e.mac, bad, why, "10.0.1.31, 10.0.1.32"]);
+        assert!(
+            ledger_fingerprint(&vpc.state_dir()) == ledger_before,
+            "the refusal changed the ledger"
+        );
+        let host_after = (
+            link_names(&vpc.host),
+            ip_text(&vpc.host, &["rule", "show"]),
+            ip_text(&vpc.host, &["-4", "route", "show", "table", "all"]),
+        );
+        assert_eq!(host_after, host_before, "the refusal changed the host");
+        assert_eq!(link_names(&vpc.ns(a)), ["lo"], "the refused task got links");
+    }
+    // The listed secondaries are accepted.
+    vpc.must_setup(b, &shared(&e, &["10.0.1.31/24", "10.0.1.32/24"]), "", None);
+    must_succeed(&vpc.poststop(b), "poststop");
+}

@@ -28,6 +28,42 @@ pub const HOST_VETH_MAC: MacAddr = MacAddr([0xee, 0xee, 0xee, 0xee, 0xee, 0xee])
 /// Prefix of the host end of a shared-ENI task's veth (`nsa` + 8 hex digits).
 pub const VETH_PREFIX: &str = "nsa";
 
+/// With instance metadata answering for the ENI, every requested address must be one of its
+/// secondary addresses (the ones metadata lists after the primary). Asked before the lock; a
+/// host without a metadata service (or one that does not know the MAC) is not checked here.
+pub fn check_listed(cfg: &crate::config::AwsvpcConfig, eni: &EniSpec) -> anyhow::Result<()> {
+    if eni.attachment != Attachment::Shared {
+        return Ok(());
+    }
+    let Some(listed) = crate::metadata::listed_ipv4(cfg, &eni.mac) else {
+        return Ok(());
+    };
+    let secondary = &listed[1..];
+    if let Some(a) = eni.ipv4.iter().find(|a| !secondary.contains(&a.ip())) {
+        let what = if listed[0] == a.ip() {
+            "the ENI's primary address".to_string()
+        } else {
+            "not among the ENI's secondary addresses in instance metadata".to_string()
+        };
+        bail!(
+            "ENI {}: ipv4Addresses lists {}, {what}: list only its secondary addresses ({}), or assign {} to the ENI first",
+            eni.mac,
+            a.ip(),
+            if secondary.is_empty() {
+                "it has none".to_string()
+            } else {
+                secondary
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            a.ip()
+        );
+    }
+    Ok(())
+}
+
 /// How many tasks other than `except` use the shared ENI `mac`.
 pub fn users(state: &State, mac: MacAddr, except: &str) -> usize {
     state
