@@ -178,6 +178,23 @@ pub fn quick_value(cfg: &AwsvpcConfig, rel: &str) -> Option<String> {
     }
 }
 
+/// The IPv4 addresses instance metadata lists for the ENI with this MAC, primary first, asked
+/// within half a second: `None` when no metadata service answers or it does not know the MAC
+/// (a host without one, a test rig), so the caller checks only what metadata can vouch for.
+pub fn listed_ipv4(cfg: &AwsvpcConfig, mac: &MacAddr) -> Option<Vec<Ipv4Addr>> {
+    let mac = mac.to_string().to_ascii_lowercase();
+    let key = match cfg.metadata_layout {
+        MetadataLayout::Aws => "local-ipv4s",
+        MetadataLayout::Alibaba => "private-ipv4s",
+    };
+    let text = quick_value(cfg, &format!("network/interfaces/macs/{mac}/{key}"))?;
+    // A JSON array of strings (Alibaba), or one address per line.
+    let list: Vec<String> = serde_json::from_str(&text)
+        .unwrap_or_else(|_| text.split_whitespace().map(String::from).collect());
+    let ips: Vec<Ipv4Addr> = list.iter().filter_map(|s| s.trim().parse().ok()).collect();
+    (!ips.is_empty()).then_some(ips)
+}
+
 /// The ENI id of the interface with this MAC (AWS `interface-id`, Alibaba
 /// `network-interface-id`), for exports that name the ENI.
 pub fn eni_id(cfg: &AwsvpcConfig, mac: &str) -> Option<String> {

@@ -1108,3 +1108,109 @@ fn port_entry(ports: &[Value], id: &str, container_port: u16) -> Value {
         .unwrap_or_else(|| panic!("no port {container_port} of {id} in {ports:?}"))
         .clone()
 }
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn a_failed_exclusive_setup_leaves_no_pin_and_no_empty_netns_directory() {
+    let mut vpc = Vpc::new(&[]);
+    let e = vpc.attach_eni();
+    let a = vpc.task();
+    // The task already has an eth0: the ENI cannot take that name, after the netns was pinned.
+    ip(&[
+        "-n",
+        &vpc.ns(a),
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0p",
+    ]);
+    let out = vpc.setup(a, &exclusive(&e, &["10.0.1.23/24"]), "", None);
+    must_fail_with(&out, &["eth0"]);
+    assert_eq!(mounts_under(&vpc.state_dir()), Vec::<String>::new());
+    let netns = vpc.state_dir().join("netns");
+    assert!(!netns.exists(), "{} left", netns.display());
+    assert!(vpc.recorded().is_empty());
+    // A pin directory holding another task's pin stays, with that pin only.
+    let b = vpc.task();
+    let e1 = vpc.attach_eni();
+    vpc.must_setup(b, &exclusive(&e1, &["10.0.1.24/24"]), "", None);
+    let c = vpc.task();
+    let e2 = vpc.attach_eni();
+    ip(&[
+        "-n",
+        &vpc.ns(c),
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0p",
+    ]);
+    must_fail_with(
+        &vpc.setup(c, &exclusive(&e2, &["10.0.1.25/24"]), "", None),
+        &["eth0"],
+    );
+    let pins: Vec<String> = std::fs::read_dir(&netns)
+        .expect("the pin directory of b")
+        .flatten()
+        .map(|d| d.file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(pins, vec![vpc.containers[b].id.clone()]);
+    must_succeed(&vpc.poststop(b), "poststop b");
+    assert!(
+        !netns.exists(),
+        "{} left after the last pin",
+        netns.display()
+    );
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn shared_eni_addresses_instance_metadata_does_not_list_are_refused_and_change_nothing() {
+    let mut vpc = Vpc::new(&[]);
+    let e = vpc.attach_eni();
+    // Metadata: primary .30, secondaries .31 and .32.
+    vpc.meta.know(
+        &e.mac,
+        &[ip4("10.0.1.30"), ip4("10.0.1.31"), ip4("10.0.1.32")],
+    );
+    let (a, b) = (vpc.task(), vpc.task());
+    let ledger_before = ledger_fingerprint(&vpc.state_dir());
+    let host_before = (
+        link_names(&vpc.host),
+        ip_text(&vpc.host, &["rule", "show"]),
+        ip_text(&vpc.host, &["-4", "route", "show", "table", "all"]),
+    );
+    for (bad, why) in [
+        ("10.0.1.33", "not among the ENI's secondary addresses"),
+        ("10.0.1.30", "primary address"),
+    ] {
+        let out = vpc.setup(
+            a,
+            &shared(&e, &["10.0.1.31/24", &format!("{bad}/24")]),
+            "",
+            None,
+        );
+        must_fail_with(&out, &[&e.mac, bad, why, "10.0.1.31, 10.0.1.32"]);
+        assert!(
+            ledger_fingerprint(&vpc.state_dir()) == ledger_before,
+            "the refusal changed the ledger"
+        );
+        let host_after = (
+            link_names(&vpc.host),
+            ip_text(&vpc.host, &["rule", "show"]),
+            ip_text(&vpc.host, &["-4", "route", "show", "table", "all"]),
+        );
+        assert_eq!(host_after, host_before, "the refusal changed the host");
+        assert_eq!(link_names(&vpc.ns(a)), ["lo"], "the refused task got links");
+    }
+    // The listed secondaries are accepted.
+    vpc.must_setup(b, &shared(&e, &["10.0.1.31/24", "10.0.1.32/24"]), "", None);
+    must_succeed(&vpc.poststop(b), "poststop");
+}

@@ -788,3 +788,248 @@ fn reset_force_and_gc_delete_many_veths_at_once_and_only_theirs() {
     let links = ip(&["-n", &rig.host, "-o", "link", "show"]);
     assert!(!links.contains("netshim0"), "bridge left: {links}");
 }
+
+/// Runs `f` for every item on a thread of its own, all at once; the results in order.
+fn all_at_once<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = items.iter().map(|x| s.spawn(|| f(x))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn bridge_state(rig: &Rig, i: usize) -> String {
+    rig.oci_state(
+        i,
+        &[
+            ("netshim.network-mode", "bridge"),
+            ("netshim.port-mappings", r#"[{"containerPort":80}]"#),
+        ],
+    )
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn sixty_four_concurrent_setups_then_teardowns_are_distinct_serve_and_leave_nothing() {
+    let mut rig = Rig::new(CFG);
+    let n = 64;
+    let ids: Vec<usize> = (0..n).map(|_| rig.container()).collect();
+    let states: Vec<String> = ids.iter().map(|&i| bridge_state(&rig, i)).collect();
+    for (o, i) in all_at_once(&states, |st| rig.shim(&["hook", "createRuntime"], st))
+        .iter()
+        .zip(&ids)
+    {
+        must_succeed(o, &format!("setup of container {i}"));
+    }
+    let ports = rig.ports();
+    assert_eq!(ports.len(), n);
+    let mut hp: Vec<u64> = ports
+        .iter()
+        .map(|p| p["hostPort"].as_u64().unwrap())
+        .collect();
+    let mut ips: Vec<String> = ports
+        .iter()
+        .map(|p| p["containerIP"].as_str().unwrap().to_string())
+        .collect();
+    hp.sort();
+    hp.dedup();
+    ips.sort();
+    ips.dedup();
+    assert_eq!((hp.len(), ips.len()), (n, n), "duplicates: {ports:?}");
+    assert_eq!(rig.veths().len(), n);
+    for &i in &ids {
+        let reply = format!("c{i}");
+        let server = tcp_serve_once(&rig.containers[i].ns, 80, &reply);
+        let p = rig.host_port(i, 80, "tcp");
+        assert_eq!(
+            tcp_get(&rig.client, HOST_IP, p, PATIENT).as_deref(),
+            Ok(reply.as_str()),
+            "container {i}'s port {p}"
+        );
+        assert!(server.join().unwrap());
+    }
+    // As a runtime does: the processes die, then 64 poststops at once.
+    for &i in &ids {
+        rig.containers[i].destroy();
+    }
+    for (o, i) in all_at_once(&ids, |&i| rig.poststop(i)).iter().zip(&ids) {
+        must_succeed(o, &format!("poststop of container {i}"));
+    }
+    assert_eq!(rig.veths(), Vec::<String>::new(), "veths left");
+    assert_eq!(rig.nft_elements(), "", "map elements left");
+    assert_eq!(rig.recorded(), Vec::<String>::new(), "records left");
+    assert!(rig.ports().is_empty());
+    let gc = rig.shim(&["gc"], "");
+    must_succeed(&gc, "gc");
+    assert_eq!(String::from_utf8_lossy(&gc.stdout), "", "gc had to repair");
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn a_burst_of_setups_teardowns_gc_and_reload_all_succeed_and_ends_consistent() {
+    let mut rig = Rig::new(CFG);
+    let old: Vec<usize> = (0..16).map(|_| rig.container()).collect();
+    for &i in &old {
+        must_succeed(&rig.setup(i, r#"[{"containerPort":80}]"#), "setup");
+    }
+    let new: Vec<usize> = (0..16).map(|_| rig.container()).collect();
+    for &i in &old {
+        rig.containers[i].destroy();
+    }
+    // 16 setups, 16 poststops (of dead containers, which a concurrent gc may reap first),
+    // 4 gc and 4 reload, all at once.
+    let mut jobs: Vec<(String, Vec<&str>, String)> = Vec::new();
+    for &i in &new {
+        jobs.push((
+            format!("setup {i}"),
+            vec!["hook", "createRuntime"],
+            bridge_state(&rig, i),
+        ));
+    }
+    for &i in &old {
+        let id = &rig.containers[i].id;
+        jobs.push((
+            format!("poststop {i}"),
+            vec!["hook", "poststop"],
+            format!(
+                r#"{{"ociVersion":"1.0.2","id":"{id}","status":"stopped","bundle":"/nonexistent"}}"#
+            ),
+        ));
+    }
+    for k in 0..4 {
+        jobs.push((format!("gc {k}"), vec!["gc"], String::new()));
+        jobs.push((format!("reload {k}"), vec!["reload"], String::new()));
+    }
+    for ((what, _, _), o) in jobs
+        .iter()
+        .zip(all_at_once(&jobs, |(_, args, st)| rig.shim(args, st)))
+    {
+        must_succeed(&o, what);
+    }
+    // Consistent: exactly the new containers, each served, and nothing for gc to repair.
+    let mut want: Vec<String> = new.iter().map(|&i| rig.containers[i].id.clone()).collect();
+    want.sort();
+    assert_eq!(rig.recorded(), want);
+    assert_eq!(rig.veths().len(), new.len(), "{:?}", rig.veths());
+    assert_eq!(rig.ports().len(), new.len());
+    assert_eq!(
+        rig.nft_element_counts().get("ports").copied(),
+        Some(new.len())
+    );
+    let gc = rig.shim(&["gc"], "");
+    must_succeed(&gc, "gc");
+    assert_eq!(String::from_utf8_lossy(&gc.stdout), "", "gc had to repair");
+    for &i in &new {
+        let reply = format!("n{i}");
+        let server = tcp_serve_once(&rig.containers[i].ns, 80, &reply);
+        let p = rig.host_port(i, 80, "tcp");
+        assert_eq!(
+            tcp_get(&rig.client, HOST_IP, p, PATIENT).as_deref(),
+            Ok(reply.as_str()),
+            "container {i}'s port {p}"
+        );
+        assert!(server.join().unwrap());
+    }
+    for &i in &new {
+        rig.containers[i].destroy();
+        must_succeed(&rig.poststop(i), "poststop");
+    }
+    assert_eq!(rig.veths(), Vec::<String>::new(), "veths left");
+    assert_eq!(rig.nft_elements(), "", "map elements left");
+    assert_eq!(rig.recorded(), Vec::<String>::new(), "records left");
+}
+
+/// Writes `value` to `/proc/sys/<path>` in netns `ns`.
+fn set_sysctl(ns: &str, path: &str, value: &str) {
+    let path = format!("/proc/sys/{path}");
+    let value = value.to_string();
+    in_ns(ns, move || fs::write(&path, value).expect("write sysctl"));
+}
+
+/// The sysctls that differ between two snapshots, as (path, before, after).
+fn sysctl_diff(
+    before: &std::collections::BTreeMap<String, String>,
+    after: &std::collections::BTreeMap<String, String>,
+) -> Vec<(String, Option<String>, Option<String>)> {
+    let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    keys.into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| (k.clone(), before.get(k).cloned(), after.get(k).cloned()))
+        .collect()
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn a_setup_that_fails_after_its_sysctls_puts_back_exactly_what_it_changed() {
+    let mut rig = Rig::new(CFG);
+    // A host with forwarding off: the first setup turns it on (and route_localnet on the bridge
+    // it creates), then fails (the container already has an eth0).
+    set_sysctl(&rig.host, "net/ipv4/ip_forward", "0");
+    let a = rig.container();
+    ip(&[
+        "-n",
+        &rig.containers[a].ns,
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0p",
+    ]);
+    let before = net_sysctls(&rig.host);
+    let out = rig.setup(
+        a,
+        r#"[{"containerPort":80},{"containerPort":53,"protocol":"udp"}]"#,
+    );
+    must_fail_with(&out, &["eth0"]);
+    assert_eq!(
+        sysctl_diff(&before, &net_sysctls(&rig.host)),
+        vec![],
+        "sysctls changed by a failed setup"
+    );
+    assert_eq!(rig.veths(), Vec::<String>::new());
+    assert!(rig.recorded().is_empty());
+
+    // A bridge that exists (another container uses it) with route_localnet and forwarding
+    // found off: a failed setup turns them on and off again; the good setup keeps them on.
+    let b = rig.container();
+    must_succeed(&rig.setup(b, r#"[{"containerPort":80}]"#), "setup b");
+    set_sysctl(&rig.host, "net/ipv4/ip_forward", "0");
+    set_sysctl(&rig.host, "net/ipv4/conf/netshim0/route_localnet", "0");
+    let c = rig.container();
+    ip(&[
+        "-n",
+        &rig.containers[c].ns,
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0p",
+    ]);
+    let before = net_sysctls(&rig.host);
+    must_fail_with(&rig.setup(c, r#"[{"containerPort":80}]"#), &["eth0"]);
+    assert_eq!(
+        sysctl_diff(&before, &net_sysctls(&rig.host)),
+        vec![],
+        "sysctls changed by a failed setup"
+    );
+    let d = rig.container();
+    must_succeed(&rig.setup(d, r#"[{"containerPort":80}]"#), "setup d");
+    let after = net_sysctls(&rig.host);
+    assert_eq!(
+        after
+            .get("/proc/sys/net/ipv4/ip_forward")
+            .map(String::as_str),
+        Some("1")
+    );
+    assert_eq!(
+        after
+            .get("/proc/sys/net/ipv4/conf/netshim0/route_localnet")
+            .map(String::as_str),
+        Some("1")
+    );
+}

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use super::nft::fake::Tables;
 use super::nft::{Batch, Element, Set, TableRef};
-use super::{Addr, At, Kernel, Link, LinkChange, NftError, NlError, Route};
+use super::{Addr, At, Kernel, Link, LinkChange, NftError, NlError, Route, sysctl};
 use crate::types::MacAddr;
 
 /// Which namespace: the host, or a container's (by the fd its file was opened as; a pin opened
@@ -357,11 +357,22 @@ impl Kernel for Fake {
         Ok(())
     }
 
-    fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<()> {
+    fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<Vec<sysctl::Changed>> {
         self.io_step("sysctls")?;
-        self.sysctls.insert("ip_forward".into(), "1".into());
-        self.sysctls
-            .insert(format!("{bridge}/route_localnet"), "1".into());
+        let mut changed = Vec::new();
+        for key in ["ip_forward".to_string(), format!("{bridge}/route_localnet")] {
+            let was = self.sysctls.insert(key.clone(), "1".into());
+            let was = was.unwrap_or_else(|| "0".into());
+            if was != "1" {
+                changed.push(sysctl::Changed { path: key, was });
+            }
+        }
+        Ok(changed)
+    }
+
+    fn restore_sysctl(&mut self, c: &sysctl::Changed) -> io::Result<()> {
+        self.io_step("restore_sysctl")?;
+        self.sysctls.insert(c.path.clone(), c.was.clone());
         Ok(())
     }
 
@@ -649,10 +660,14 @@ impl Kernel for Fake {
         Ok(old)
     }
 
-    fn enable_forwarding(&mut self) -> io::Result<()> {
+    fn enable_forwarding(&mut self) -> io::Result<Option<sysctl::Changed>> {
         self.io_step("forwarding")?;
-        self.sysctls.insert("ip_forward".into(), "1".into());
-        Ok(())
+        let was = self.sysctls.insert("ip_forward".into(), "1".into());
+        let was = was.unwrap_or_else(|| "0".into());
+        Ok((was != "1").then(|| sysctl::Changed {
+            path: "ip_forward".into(),
+            was,
+        }))
     }
 
     fn pin_netns(&mut self, pid: i32, path: &Path) -> io::Result<()> {

@@ -131,9 +131,21 @@ impl Kernel for HostKernel {
         Ok(fixed)
     }
 
-    fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<()> {
-        sysctl::enable_ip_forward()?;
-        sysctl::enable_route_localnet(bridge)
+    fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<Vec<sysctl::Changed>> {
+        let forward = sysctl::enable_ip_forward()?;
+        match sysctl::enable_route_localnet(bridge) {
+            Ok(localnet) => Ok(forward.into_iter().chain(localnet).collect()),
+            Err(e) => {
+                if let Some(c) = &forward {
+                    let _ = sysctl::restore(c);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn restore_sysctl(&mut self, c: &sysctl::Changed) -> io::Result<()> {
+        sysctl::restore(c)
     }
 
     fn reserved_ports(&mut self) -> io::Result<Vec<u16>> {
@@ -334,7 +346,7 @@ impl Kernel for HostKernel {
         sysctl::set_conf(dev, key, value)
     }
 
-    fn enable_forwarding(&mut self) -> io::Result<()> {
+    fn enable_forwarding(&mut self) -> io::Result<Option<sysctl::Changed>> {
         sysctl::enable_ip_forward()
     }
 

@@ -113,8 +113,11 @@ pub trait Kernel {
         gateway: Ipv4Addr,
         prefix: u8,
     ) -> Result<Vec<String>, NlError>;
-    /// Host sysctls the bridge needs (forwarding; route_localnet on the bridge).
-    fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<()>;
+    /// Host sysctls the bridge needs (forwarding; route_localnet on the bridge). Returns those
+    /// it changed, with their old values; on error it has changed nothing.
+    fn bridge_sysctls(&mut self, bridge: &str) -> io::Result<Vec<sysctl::Changed>>;
+    /// Puts a sysctl back as [`Kernel::bridge_sysctls`] or [`Kernel::enable_forwarding`] found it.
+    fn restore_sysctl(&mut self, c: &sysctl::Changed) -> io::Result<()>;
     /// Ports the host keeps out of its ephemeral range (`ip_local_reserved_ports`).
     fn reserved_ports(&mut self) -> io::Result<Vec<u16>>;
     /// Adds and removes ports of `ip_local_reserved_ports`, keeping the rest.
@@ -207,8 +210,8 @@ pub trait Kernel {
     fn del_link_at(&mut self, at: At, index: u32) -> Result<bool, NlError>;
     /// `net.ipv4.conf.<dev>.<key>` in the host netns: returns the value it had.
     fn set_conf(&mut self, dev: &str, key: &str, value: &str) -> io::Result<String>;
-    /// `net.ipv4.ip_forward = 1` in the host netns.
-    fn enable_forwarding(&mut self) -> io::Result<()>;
+    /// `net.ipv4.ip_forward = 1` in the host netns; what it changed, if anything.
+    fn enable_forwarding(&mut self) -> io::Result<Option<sysctl::Changed>>;
     /// Keeps the netns of `pid` alive at `path` (a bind mount).
     fn pin_netns(&mut self, pid: i32, path: &Path) -> io::Result<()>;
     /// Opens a pin made by [`Kernel::pin_netns`]; `None` when it is gone or no longer a

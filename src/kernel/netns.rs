@@ -51,10 +51,21 @@ pub fn with_netns<T>(ns: BorrowedFd<'_>, f: impl FnOnce() -> T) -> io::Result<T>
 /// ECS's pause container plays, so a task's interfaces survive until poststop hands them back.
 pub fn pin(pid: i32, path: &std::path::Path) -> io::Result<()> {
     use nix::mount::{MsFlags, mount};
-    if let Some(dir) = path.parent() {
+    let dir = path.parent();
+    if let Some(dir) = dir {
         std::fs::create_dir_all(dir)?;
     }
-    File::create(path)?;
+    if let Err(e) = File::create(path) {
+        // The directory was removed as empty between the two calls (the last pin of another
+        // container went): make it again, once.
+        match dir {
+            Some(dir) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir)?;
+                File::create(path)?;
+            }
+            _ => return Err(e),
+        }
+    }
     let src = format!("/proc/{pid}/ns/net");
     if let Err(e) = mount(
         Some(src.as_str()),
@@ -94,7 +105,13 @@ pub fn unpin(path: &std::path::Path) -> io::Result<()> {
         Err(e) => return Err(io::Error::from(e)),
     }
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
+    // The pins' directory goes with its last pin (a failed setup leaves no empty directory);
+    // one still holding others stays (ENOTEMPTY).
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
+    Ok(())
 }

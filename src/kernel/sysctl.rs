@@ -20,16 +20,63 @@ fn set(path: &str, value: &str) -> io::Result<String> {
     }
 }
 
-/// `net.ipv4.ip_forward = 1` in the current netns.
-pub fn enable_ip_forward() -> io::Result<()> {
-    set("/proc/sys/net/ipv4/ip_forward", "1").map(|_| ())
+/// A sysctl a setup changed and the value it had: what a setup that fails puts back, so it
+/// leaves the host's sysctls exactly as it found them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    /// The file under `/proc/sys/net/`.
+    pub path: String,
+    pub was: String,
+}
+
+/// Sets `path` to `value`; `Some` with the old value when that changed it.
+fn set_tracked(path: &str, value: &str) -> io::Result<Option<Changed>> {
+    let was = set(path, value)?;
+    Ok((was != value).then(|| Changed {
+        path: path.to_string(),
+        was,
+    }))
+}
+
+/// Puts back what [`Changed`] says. A file that is gone (its interface was deleted since) is
+/// fine: there is nothing left to restore.
+pub fn restore(c: &Changed) -> io::Result<()> {
+    if !c.path.starts_with("/proc/sys/net/") || c.path.contains("/../") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{:?} is not a network sysctl", c.path),
+        ));
+    }
+    match set(&c.path, &c.was) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r.map(|_| ()),
+    }
+}
+
+/// `net.ipv4.ip_forward = 1` in the current netns; what it changed, if anything.
+pub fn enable_ip_forward() -> io::Result<Option<Changed>> {
+    set_tracked("/proc/sys/net/ipv4/ip_forward", "1")
 }
 
 /// `net.ipv4.conf.<dev>.route_localnet = 1`: lets 127.0.0.1:<hostPort> reach a container
 /// through the bridge. Only set on netshim's own bridge; the firewall drops 127/8 arriving
-/// from anywhere else.
-pub fn enable_route_localnet(dev: &str) -> io::Result<()> {
-    set_conf(dev, "route_localnet", "1").map(|_| ())
+/// from anywhere else. Returns what it changed, if anything.
+pub fn enable_route_localnet(dev: &str) -> io::Result<Option<Changed>> {
+    check_dev(dev)?;
+    set_tracked(
+        &format!("/proc/sys/net/ipv4/conf/{dev}/route_localnet"),
+        "1",
+    )
+}
+
+fn check_dev(dev: &str) -> io::Result<()> {
+    if dev.is_empty() || dev.contains('/') || dev == "." || dev == ".." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{dev:?} is not an interface name"),
+        ));
+    }
+    Ok(())
 }
 
 /// The kernel's ephemeral range, `net.ipv4.ip_local_port_range`.
@@ -45,12 +92,7 @@ pub fn local_port_range() -> Option<(u16, u16)> {
 /// `net.ipv4.conf.<dev>.<key> = value`; returns the value it had. `dev` must be a link name
 /// (no path separators): the caller got it from the kernel or checked it.
 pub fn set_conf(dev: &str, key: &str, value: &str) -> io::Result<String> {
-    if dev.is_empty() || dev.contains('/') || dev == "." || dev == ".." {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{dev:?} is not an interface name"),
-        ));
-    }
+    check_dev(dev)?;
     set(&format!("/proc/sys/net/ipv4/conf/{dev}/{key}"), value)
 }
 

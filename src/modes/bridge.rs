@@ -139,6 +139,8 @@ enum Undo {
     Nft(Batch),
     /// The table was created by this run with nothing else in it.
     DelTable(String),
+    /// A host sysctl this run changed, and its old value.
+    Sysctl(sysctl::Changed),
 }
 
 /// Applies the plan `f` for the container of `c`; on error undoes what it did.
@@ -184,6 +186,11 @@ pub fn apply(
             Undo::DelTable(t) => {
                 if let Err(x) = k.nft(&firewall::delete_table(t)) {
                     left.push("delete table", t, x);
+                }
+            }
+            Undo::Sysctl(c) => {
+                if let Err(x) = k.restore_sysctl(c) {
+                    left.push("restore sysctl", &c.path, x);
                 }
             }
         }
@@ -254,7 +261,8 @@ fn apply_steps(
     let prefix = cfg.subnet.prefix();
     let master = ensure_bridge(k, cfg, state, undo)?;
     crate::fault::point("bridge-created");
-    k.bridge_sysctls(br).context("set forwarding sysctls")?;
+    let changed = k.bridge_sysctls(br).context("set forwarding sysctls")?;
+    undo.extend(changed.into_iter().map(Undo::Sysctl));
     trace::mark("bridge");
 
     match k.add_veth(veth, master, CONTAINER_IF, netns) {

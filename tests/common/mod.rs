@@ -496,6 +496,31 @@ impl Rig {
             .join("\n")
     }
 
+    /// How many elements each non-empty map and set of the shim's table holds, by name (empty
+    /// if the table is absent).
+    pub fn nft_element_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        let out = command_in(&self.host, "/usr/sbin/nft")
+            .args(["-j", "list", "table", "ip", "netshim"])
+            .output()
+            .expect("nft");
+        let mut found = std::collections::BTreeMap::new();
+        if !out.status.success() {
+            return found;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft json");
+        for o in v["nftables"].as_array().into_iter().flatten() {
+            for kind in ["set", "map"] {
+                if let Some(s) = o.get(kind) {
+                    let n = s["elem"].as_array().map_or(0, Vec::len);
+                    if n > 0 {
+                        found.insert(s["name"].as_str().unwrap_or("?").to_string(), n);
+                    }
+                }
+            }
+        }
+        found
+    }
+
     pub fn nft(&self, args: &[&str]) -> Output {
         must_output(command_in(&self.host, "/usr/sbin/nft").args(args))
     }
@@ -528,6 +553,30 @@ pub fn tcp_server(ns: &str, port: u16, reply: &str) {
             let _ = s.write_all(reply.as_bytes());
         }
     });
+}
+
+/// A TCP server in netns `ns` that answers one connection with `reply` (or gives up after 10 s)
+/// and closes, so nothing of the test holds the namespace afterwards. Returns once listening;
+/// join it to know it served.
+pub fn tcp_serve_once(ns: &str, port: u16, reply: &str) -> thread::JoinHandle<bool> {
+    let reply = reply.to_string();
+    let l = in_ns(ns, move || {
+        TcpListener::bind(("0.0.0.0", port)).expect("bind tcp")
+    });
+    thread::spawn(move || {
+        l.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    return s.write_all(reply.as_bytes()).is_ok();
+                }
+                Err(_) => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        false
+    })
 }
 
 /// A UDP server in netns `ns` answering each datagram with `reply`.
@@ -684,6 +733,30 @@ pub fn reserved_ports(ns: &str) -> String {
         .output()
         .expect("cat");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Every readable sysctl under `/proc/sys/net/ipv4` and `/proc/sys/net/ipv6/conf` of netns `ns`,
+/// by path: equal before and after means nothing changed them.
+pub fn net_sysctls(ns: &str) -> std::collections::BTreeMap<String, String> {
+    fn walk(dir: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if let Ok(v) = fs::read_to_string(&p) {
+                out.insert(p.display().to_string(), v.trim().to_string());
+            }
+        }
+    }
+    in_ns(ns, || {
+        let mut out = std::collections::BTreeMap::new();
+        walk(Path::new("/proc/sys/net/ipv4"), &mut out);
+        walk(Path::new("/proc/sys/net/ipv6/conf"), &mut out);
+        out
+    })
 }
 
 /// The ids of the committed records in a state dir, sorted.

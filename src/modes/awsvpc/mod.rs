@@ -40,6 +40,7 @@ pub fn resolve(cfg: &AwsvpcConfig, mut eni: EniSpec) -> anyhow::Result<EniSpec> 
             bail!("instance metadata lists no address for ENI {}", eni.mac);
         }
     }
+    shared::check_listed(cfg, &eni)?;
     Ok(eni)
 }
 

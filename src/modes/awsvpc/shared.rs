@@ -26,6 +26,42 @@ pub const LINK_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// MAC of every shared-ENI host veth end (each is its own point-to-point link).
 pub const HOST_VETH_MAC: MacAddr = MacAddr([0xee, 0xee, 0xee, 0xee, 0xee, 0xee]);
 
+/// With instance metadata answering for the ENI, every requested address must be one of its
+/// secondary addresses (the ones metadata lists after the primary). Asked before the lock; a
+/// host without a metadata service (or one that does not know the MAC) is not checked here.
+pub fn check_listed(cfg: &crate::config::AwsvpcConfig, eni: &EniSpec) -> anyhow::Result<()> {
+    if eni.attachment != Attachment::Shared {
+        return Ok(());
+    }
+    let Some(listed) = crate::metadata::listed_ipv4(cfg, &eni.mac) else {
+        return Ok(());
+    };
+    let secondary = &listed[1..];
+    if let Some(a) = eni.ipv4.iter().find(|a| !secondary.contains(&a.ip())) {
+        let what = if listed[0] == a.ip() {
+            "the ENI's primary address".to_string()
+        } else {
+            "not among the ENI's secondary addresses in instance metadata".to_string()
+        };
+        bail!(
+            "ENI {}: ipv4Addresses lists {}, {what}: list only its secondary addresses ({}), or assign {} to the ENI first",
+            eni.mac,
+            a.ip(),
+            if secondary.is_empty() {
+                "it has none".to_string()
+            } else {
+                secondary
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            a.ip()
+        );
+    }
+    Ok(())
+}
+
 /// How many tasks other than `except` use the shared ENI `mac`.
 pub fn users(state: &State, mac: MacAddr, except: &str) -> usize {
     state
@@ -104,6 +140,8 @@ pub fn plan(
 struct Done {
     brought_up: bool,
     proxy_arp_was: Option<String>,
+    /// `ip_forward` as this setup found it, when it changed it.
+    forward_was: Option<crate::kernel::sysctl::Changed>,
 }
 
 fn table_routes(subnet: Ipv4Network, gw: Ipv4Addr, oif: u32, table: u32) -> [Route; 2] {
@@ -162,6 +200,12 @@ pub fn apply(
             left.push("restore the state of", &rec.name, x);
         }
     }
+    // Forwarding was off before this setup turned it on: nothing else needed it.
+    if let Some(c) = &done.forward_was
+        && let Err(x) = k.restore_sysctl(c)
+    {
+        left.push("restore", "ip_forward", x);
+    }
     Err(with_rollback(e, left.into_result()))
 }
 
@@ -198,7 +242,7 @@ fn steps(
         .with_context(|| format!("bring {name} up"))?;
         done.brought_up = true;
     }
-    k.enable_forwarding().context("enable IPv4 forwarding")?;
+    done.forward_was = k.enable_forwarding().context("enable IPv4 forwarding")?;
     let was = k
         .set_conf(name, "proxy_arp", "1")
         .with_context(|| format!("enable proxy ARP on {name}"))?;
