@@ -5,11 +5,16 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::Config;
+use crate::types::MacAddr;
 
 /// Prefix of the host end of every bridge veth (`nsh` + 8 hex digits).
 pub const BRIDGE_VETH_PREFIX: &str = "nsh";
 /// Prefix of the host end of a shared-ENI task's veth (`nsa` + 8 hex digits).
 pub const SHARED_VETH_PREFIX: &str = "nsa";
+/// MAC of every shared-ENI host veth end (each is its own point-to-point link).
+pub const SHARED_VETH_MAC: MacAddr = MacAddr([0xee, 0xee, 0xee, 0xee, 0xee, 0xee]);
+/// Shared-ENI route tables are `SHARED_TABLE_BASE + <ENI ifindex>`.
+pub const SHARED_TABLE_BASE: u32 = 10000;
 /// Link alias of an ENI given to a task: this prefix and its name on the host.
 pub const ALIAS_PREFIX: &str = "netshim:";
 

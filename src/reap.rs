@@ -120,7 +120,7 @@ pub fn stray_links(
         .iter()
         .find(|l| l.name == cfg.bridge_name)
         .map(|l| l.index);
-    let shared_mac = Some(modes::awsvpc::shared::HOST_VETH_MAC);
+    let shared_mac = Some(crate::names::SHARED_VETH_MAC);
     Ok(links
         .iter()
         .filter(|l| !known.contains(&l.name.as_str()))

@@ -508,18 +508,35 @@ impl Kernel for Fake {
         if fk == tk {
             return Err(errno(libc::EINVAL));
         }
-        if self.state(to).links.iter().any(|l| l.name == name) {
+        let taken = |me: &Self, n: &str| me.state(to).links.iter().any(|l| l.name == n);
+        let current = self
+            .state(from)
+            .links
+            .iter()
+            .find(|l| l.index == index)
+            .map(|l| l.name.clone())
+            .ok_or_else(enodev)?;
+        // As the kernel does: a link whose own name is taken in the target does not move; one
+        // whose new name is taken moves under its own name, and the rename then fails.
+        let renamed = !taken(self, name);
+        if !renamed && taken(self, &current) {
             return Err(errno(libc::EEXIST));
         }
         let mut l = self.remove_in(fk, index).ok_or_else(enodev)?;
-        l.name = name.into();
+        if renamed {
+            l.name = name.into();
+        }
         l.up = false;
         self.at(to).links.push(l);
         // A moved veth end keeps its peer.
         if let Some((_, peer)) = self.peers.get(&index).copied() {
             self.peers.insert(peer, (tk, index));
         }
-        Ok(())
+        if renamed {
+            Ok(())
+        } else {
+            Err(errno(libc::EEXIST))
+        }
     }
 
     fn add_addr(&mut self, at: At, index: u32, ip: IpAddr, prefix: u8) -> Result<(), NlError> {

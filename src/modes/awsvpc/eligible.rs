@@ -11,9 +11,9 @@ use anyhow::{Context, bail};
 
 use crate::config::Config;
 use crate::kernel::{At, Kernel, Link};
-use crate::modes::awsvpc::shared::{HOST_VETH_MAC, TABLE_BASE};
 use crate::modes::bridge::bridge_mac;
 use crate::names::{BRIDGE_VETH_PREFIX, SHARED_VETH_PREFIX, is_our_name};
+use crate::names::{SHARED_TABLE_BASE as TABLE_BASE, SHARED_VETH_MAC as HOST_VETH_MAC};
 use crate::state::State;
 use crate::state::claims::TRUNK;
 use crate::types::Attachment;

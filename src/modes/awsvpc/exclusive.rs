@@ -47,6 +47,20 @@ pub fn plan(
     })
 }
 
+/// Refuses a task whose netns already has an interface named [`TASK_IF`]: the ENI could not
+/// take that name (the kernel would move it in under its own name and then fail the rename).
+/// Shared by the exclusive and branch attachments.
+pub fn task_if_free(k: &mut dyn Kernel, ns: &std::fs::File) -> anyhow::Result<()> {
+    let links = k.links(At::Netns(ns)).context("list the task's links")?;
+    if let Some(l) = links.iter().find(|l| l.name == TASK_IF) {
+        let mac = l.mac.map(|m| format!(" ({m})")).unwrap_or_default();
+        bail!(
+            "the task's network namespace already has an interface named {TASK_IF}{mac}: an awsvpc task gets its ENI as {TASK_IF}; start it in a network namespace of its own without one"
+        );
+    }
+    Ok(())
+}
+
 /// What the setup changed so far, undone in reverse on failure.
 #[derive(Default)]
 struct Done {
@@ -91,9 +105,11 @@ fn steps(
     k.set_alias(link.index, &eni_alias(&link.name))
         .context("record the original name in the link alias")?;
     done.alias = Some(link.alias.clone());
-    k.move_link(At::Host, link.index, At::Netns(c.ns), TASK_IF)
-        .with_context(|| format!("move {} into the task's netns as {TASK_IF}", link.name))?;
-    done.moved = true;
+    let moved = k.move_link(At::Host, link.index, At::Netns(c.ns), TASK_IF);
+    // A failed move may still have moved the link (the rename into the task is what failed):
+    // then the rollback must fetch it from there.
+    done.moved = moved.is_ok() || matches!(find(k, At::Netns(c.ns), eni.mac), Ok(Some(_)));
+    moved.with_context(|| format!("move {} into the task's netns as {TASK_IF}", link.name))?;
     crate::fault::point("awsvpc-moved");
     configure(k, c.ns, eni).context("configure the ENI in the task")?;
     super::firewall(k, c)

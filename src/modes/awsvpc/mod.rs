@@ -137,6 +137,7 @@ pub fn plan(c: &SetupCtx, k: &mut dyn Kernel, state: &mut State) -> anyhow::Resu
         Attachment::Shared => shared::plan(c, k, state, eni, &link)?,
         Attachment::Branch => branch::plan(c, k, state, eni, &link)?,
     };
+    exclusive::task_if_free(k, c.ns)?;
     f.ports = ports(&c.req.mappings);
     Ok(f)
 }

@@ -19,12 +19,9 @@ use crate::types::{Attachment, MacAddr, NetworkMode};
 
 /// Rule priority of the shared-ENI policy rules (`from <task ip> lookup <table>`).
 pub const RULE_PRIORITY: u32 = 2000;
-/// Shared-ENI route tables are `TABLE_BASE + <ENI ifindex>`.
-pub const TABLE_BASE: u32 = 10000;
 /// The link-local gateway shared-ENI tasks route through.
 pub const LINK_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-/// MAC of every shared-ENI host veth end (each is its own point-to-point link).
-pub const HOST_VETH_MAC: MacAddr = MacAddr([0xee, 0xee, 0xee, 0xee, 0xee, 0xee]);
+pub use crate::names::{SHARED_TABLE_BASE as TABLE_BASE, SHARED_VETH_MAC as HOST_VETH_MAC};
 
 /// With instance metadata answering for the ENI, every requested address must be one of its
 /// secondary addresses (the ones metadata lists after the primary). Asked before the lock; a

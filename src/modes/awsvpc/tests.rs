@@ -138,14 +138,16 @@ fn a_failing_exclusive_step_is_named_in_the_error() {
 fn an_exclusive_eni_meeting_a_taken_name_in_the_task_goes_home() {
     let mut kit = Kit::new();
     let mut t = kit.task("a", exclusive());
-    // Something already called eth0 in the task: the move is refused (EEXIST).
+    kit.plan(&mut t).unwrap();
+    // Something called eth0 appears in the task after the plan checked: the kernel moves the
+    // ENI in under its own name, then refuses the rename (EEXIST). The rollback must fetch it
+    // back from the task rather than look for it on the host.
     kit.k.at(At::Netns(t.ns)).links.push(Link {
         index: 900,
         name: "eth0".into(),
         kind: Some("dummy".into()),
         ..Link::default()
     });
-    kit.plan(&mut t).unwrap();
     let msg = format!("{:#}", kit.apply(&t).unwrap_err());
     assert!(
         msg.contains("move eth1 into the task's netns as eth0") && msg.contains("os error 17"),
@@ -464,5 +466,44 @@ fn an_incomplete_rollback_names_what_is_left_for_each_attachment() {
         assert!(msg.starts_with("program the task's firewall: "), "{msg}");
         assert!(msg.contains(want), "{fail_also}: {msg}");
         assert!(msg.ends_with("; `shim gc` retries)"), "{msg}");
+    }
+}
+
+// ---- a task netns that already has an eth0 ----------------------------------------------------
+
+/// A task whose netns already has an `eth0` (a veth end of someone else's making).
+fn task_with_eth0(kit: &mut Kit, req: NetworkRequest) -> Task {
+    let t = kit.task("a", req);
+    kit.k.at(At::Netns(t.ns)).links.push(crate::kernel::Link {
+        index: 900,
+        name: "eth0".into(),
+        mac: Some("02:00:00:00:09:00".parse().unwrap()),
+        ..crate::kernel::Link::default()
+    });
+    t
+}
+
+#[test]
+fn a_task_that_already_has_an_eth0_is_refused_by_every_attachment_before_any_change() {
+    for (what, req) in [
+        ("exclusive", exclusive()),
+        ("shared", shared()),
+        ("branch", branch()),
+    ] {
+        let mut kit = Kit::new();
+        let before = format!("{:?}", kit.k.state(At::Host));
+        let mut t = task_with_eth0(&mut kit, req);
+        let e = format!("{:#}", kit.plan(&mut t).unwrap_err());
+        assert!(
+            e.contains("already has an interface named eth0 (02:00:00:00:09:00)")
+                && e.contains("a network namespace of its own"),
+            "{what}: {e}"
+        );
+        assert_eq!(
+            format!("{:?}", kit.k.state(At::Host)),
+            before,
+            "{what}: the host is unchanged"
+        );
+        kit.assert_eni_home(what);
     }
 }
