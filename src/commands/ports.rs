@@ -194,28 +194,10 @@ fn table_with_hosts(rows: &[PortEntry], hosts: Option<&[&str]>) -> String {
 mod tests {
     use super::*;
     use crate::state::State;
-    use crate::state::{ContainerRecord, PortRecord};
-    use crate::types::NetworkMode;
-    use crate::types::Protocol;
     use std::net::Ipv4Addr;
 
     fn state() -> State {
-        let mut st = State::default();
-        for (id, svc, port) in [("aaa", Some("web"), 49153), ("bbb", None, 8080)] {
-            let mut r = ContainerRecord::new(id, NetworkMode::Bridge);
-            r.service = svc.map(String::from);
-            r.ip = Some(Ipv4Addr::new(10, 213, 0, 2));
-            r.ports = vec![PortRecord {
-                protocol: Protocol::Tcp,
-                container_port: 80,
-                host_port: port,
-                host_ip: None,
-                name: None,
-                dynamic: port == 49153,
-            }];
-            st.containers.insert(id.into(), r);
-        }
-        st
+        crate::lb::entries::sample_state()
     }
 
     #[test]

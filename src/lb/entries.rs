@@ -89,29 +89,36 @@ pub fn entries(
     out
 }
 
+/// Two bridge containers (one of service "web" on dynamic port 49153, one on static 8080), for
+/// the tests of what reads entries.
+#[cfg(test)]
+pub fn sample_state() -> State {
+    use crate::state::{ContainerRecord, PortRecord};
+    use crate::types::Protocol;
+    let mut st = State::default();
+    for (id, svc, port) in [("aaa", Some("web"), 49153), ("bbb", None, 8080)] {
+        let mut r = ContainerRecord::new(id, NetworkMode::Bridge);
+        r.service = svc.map(String::from);
+        r.ip = Some(Ipv4Addr::new(10, 213, 0, 2));
+        r.ports = vec![PortRecord {
+            protocol: Protocol::Tcp,
+            container_port: 80,
+            host_port: port,
+            host_ip: None,
+            name: None,
+            dynamic: port == 49153,
+        }];
+        st.containers.insert(id.into(), r);
+    }
+    st
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{ContainerRecord, PortRecord};
-    use crate::types::Protocol;
 
     fn state() -> State {
-        let mut st = State::default();
-        for (id, svc, port) in [("aaa", Some("web"), 49153), ("bbb", None, 8080)] {
-            let mut r = ContainerRecord::new(id, NetworkMode::Bridge);
-            r.service = svc.map(String::from);
-            r.ip = Some(Ipv4Addr::new(10, 213, 0, 2));
-            r.ports = vec![PortRecord {
-                protocol: Protocol::Tcp,
-                container_port: 80,
-                host_port: port,
-                host_ip: None,
-                name: None,
-                dynamic: port == 49153,
-            }];
-            st.containers.insert(id.into(), r);
-        }
-        st
+        sample_state()
     }
 
     #[test]
