@@ -42,20 +42,6 @@ fn killed(o: &std::process::Output) -> bool {
     o.status.signal() == Some(libc::SIGABRT) || o.status.signal() == Some(libc::SIGKILL)
 }
 
-/// Claim files that still name a holder (released ports leave only their release time).
-fn held_claims(rig: &Rig) -> Vec<String> {
-    ledger_fingerprint(&rig.state_dir())
-        .into_iter()
-        .filter(|(p, b)| {
-            p.starts_with("claims/")
-                && String::from_utf8_lossy(b)
-                    .lines()
-                    .any(|l| !l.starts_with('~'))
-        })
-        .map(|(p, b)| format!("{p}: {}", String::from_utf8_lossy(&b).trim()))
-        .collect()
-}
-
 fn pending(rig: &Rig) -> Vec<String> {
     ledger_fingerprint(&rig.state_dir())
         .into_iter()
@@ -72,7 +58,7 @@ fn assert_clean(rig: &Rig, when: &str) {
     assert_eq!(rig.recorded(), Vec::<String>::new(), "{when}: records left");
     assert_eq!(pending(rig), Vec::<String>::new(), "{when}: intents left");
     assert_eq!(
-        held_claims(rig),
+        held_claims(&rig.state_dir()),
         Vec::<String>::new(),
         "{when}: claims left"
     );
@@ -211,7 +197,7 @@ fn an_awsvpc_setup_killed_at_any_step_gives_the_eni_back_after_gc() {
             must_succeed(&vpc.shim(&["gc"], ""), &format!("{when}: gc"));
             assert!(vpc.recorded().is_empty(), "{when}: {:?}", vpc.recorded());
             assert_eq!(
-                held_claims(&vpc),
+                held_claims(&vpc.state_dir()),
                 Vec::<String>::new(),
                 "{when}: claims left"
             );

@@ -119,20 +119,6 @@ fn state_files(dir: &Path) -> Vec<String> {
     out
 }
 
-/// Claim files that still name a holder (a released port keeps only its release time).
-fn held_claims(rig: &Rig) -> Vec<String> {
-    ledger_fingerprint(&rig.state_dir())
-        .into_iter()
-        .filter(|(p, b)| {
-            p.starts_with("claims/")
-                && String::from_utf8_lossy(b)
-                    .lines()
-                    .any(|l| !l.starts_with('~'))
-        })
-        .map(|(p, _)| p)
-        .collect()
-}
-
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn five_hundred_create_delete_cycles_leave_nothing_behind() {
@@ -218,7 +204,11 @@ fn five_hundred_create_delete_cycles_leave_nothing_behind() {
         "map/set elements left"
     );
     assert_eq!(rig.recorded(), Vec::<String>::new(), "records left");
-    assert_eq!(held_claims(&rig), Vec::<String>::new(), "claims left");
+    assert_eq!(
+        held_claims(&rig.state_dir()),
+        Vec::<String>::new(),
+        "claims left"
+    );
     assert!(rig.ports().is_empty(), "ports listed");
     assert_eq!(reserved_ports(&rig.host), "", "host ports left reserved");
     assert_eq!(

@@ -791,6 +791,21 @@ pub fn ledger_index(state_dir: &Path) -> serde_json::Value {
 }
 
 /// Every file of a state dir but the lock (whose content names its last holder), with its
+/// Claim files that still name a holder, with what they hold (a released port keeps only its
+/// release time, a `~` line).
+pub fn held_claims(state_dir: &Path) -> Vec<String> {
+    ledger_fingerprint(state_dir)
+        .into_iter()
+        .filter(|(p, b)| {
+            p.starts_with("claims/")
+                && String::from_utf8_lossy(b)
+                    .lines()
+                    .any(|l| !l.starts_with('~'))
+        })
+        .map(|(p, b)| format!("{p}: {}", String::from_utf8_lossy(&b).trim()))
+        .collect()
+}
+
 /// bytes: equal before and after means nothing in the ledger changed.
 pub fn ledger_fingerprint(state_dir: &Path) -> Vec<(String, Vec<u8>)> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
