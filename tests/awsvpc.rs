@@ -1115,21 +1115,12 @@ fn a_failed_exclusive_setup_leaves_no_pin_and_no_empty_netns_directory() {
     let mut vpc = Vpc::new(&[]);
     let e = vpc.attach_eni();
     let a = vpc.task();
-    // The task already has an eth0: the ENI cannot take that name, after the netns was pinned.
-    ip(&[
-        "-n",
-        &vpc.ns(a),
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0p",
-    ]);
+    // The task already has a default route: the setup fails at the ENI's gateway, after the
+    // netns was pinned and the ENI moved in.
+    occupy_default_route(&vpc.ns(a));
     let out = vpc.setup(a, &exclusive(&e, &["10.0.1.23/24"]), "", None);
-    must_fail_with(&out, &["eth0"]);
+    must_fail_with(&out, &["default route via"]);
+    assert_eni_home(&vpc.host, &e, "after the failed gateway");
     assert_eq!(mounts_under(&vpc.state_dir()), Vec::<String>::new());
     let netns = vpc.state_dir().join("netns");
     assert!(!netns.exists(), "{} left", netns.display());
@@ -1140,21 +1131,10 @@ fn a_failed_exclusive_setup_leaves_no_pin_and_no_empty_netns_directory() {
     vpc.must_setup(b, &exclusive(&e1, &["10.0.1.24/24"]), "", None);
     let c = vpc.task();
     let e2 = vpc.attach_eni();
-    ip(&[
-        "-n",
-        &vpc.ns(c),
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0p",
-    ]);
+    occupy_default_route(&vpc.ns(c));
     must_fail_with(
         &vpc.setup(c, &exclusive(&e2, &["10.0.1.25/24"]), "", None),
-        &["eth0"],
+        &["default route via"],
     );
     let pins: Vec<String> = std::fs::read_dir(&netns)
         .expect("the pin directory of b")
@@ -1213,4 +1193,42 @@ fn shared_eni_addresses_instance_metadata_does_not_list_are_refused_and_change_n
     // The listed secondaries are accepted.
     vpc.must_setup(b, &shared(&e, &["10.0.1.31/24", "10.0.1.32/24"]), "", None);
     must_succeed(&vpc.poststop(b), "poststop");
+}
+
+/// Gives a task's netns a default route of its own (through a veth pair that stays inside it),
+/// so that an exclusive setup fails when it adds the ENI's gateway: after the pin and the move.
+fn occupy_default_route(ns: &str) {
+    ip(&[
+        "-n", ns, "link", "add", "side0", "type", "veth", "peer", "name", "side1",
+    ]);
+    ip(&["-n", ns, "addr", "add", "198.51.100.2/24", "dev", "side0"]);
+    ip(&["-n", ns, "link", "set", "side0", "up"]);
+    ip(&["-n", ns, "link", "set", "side1", "up"]);
+    ip(&["-n", ns, "route", "add", "default", "via", "198.51.100.1"]);
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn a_task_that_already_has_an_eth0_is_refused_and_the_eni_stays_on_the_host() {
+    let mut vpc = Vpc::new(&[]);
+    let e = vpc.attach_eni();
+    let a = vpc.task();
+    ip(&[
+        "-n",
+        &vpc.ns(a),
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0p",
+    ]);
+    let before = link(&vpc.host, &e.name);
+    let out = vpc.setup(a, &exclusive(&e, &["10.0.1.23/24"]), "", None);
+    must_fail_with(&out, &["already has an interface named eth0"]);
+    assert_eq!(link(&vpc.host, &e.name), before, "the ENI is untouched");
+    assert_not_recorded(&vpc, a);
+    assert!(!vpc.state_dir().join("netns").exists());
 }
