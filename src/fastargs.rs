@@ -75,6 +75,17 @@ pub fn hook(
     ))
 }
 
+/// The line `shim --version` (or `-V`) prints, when that is the whole command line: answered
+/// here too, since it is how the start of the process is measured.
+pub fn version(args: &[OsString]) -> Option<String> {
+    match args {
+        [_, v] if v == "--version" || v == "-V" => {
+            Some(format!("shim {}\n", env!("CARGO_PKG_VERSION")))
+        }
+        _ => None,
+    }
+}
+
 /// A value clap would take as it is: not empty and not led by a dash.
 fn usable(v: &OsStr) -> bool {
     v.to_str()

@@ -185,6 +185,13 @@ fn main() -> ExitCode {
     trace::init();
     fault::list_if_asked();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(v) = fastargs::version(&args) {
+        use std::io::Write;
+        return match std::io::stdout().write_all(v.as_bytes()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(_) => ExitCode::FAILURE,
+        };
+    }
     if let Some((g, stage)) = fastargs::hook(
         &args,
         std::env::var_os("NETSHIM_STATE_DIR"),
@@ -379,6 +386,27 @@ mod tests {
         ];
         for line in left {
             assert_eq!(by_fast(&argv(line)), None, "{line}: must go to clap");
+        }
+    }
+
+    #[test]
+    fn the_fast_version_line_is_clap_s() {
+        use clap::CommandFactory;
+        let clap_line = Cli::command().render_version().to_string();
+        for a in ["shim --version", "shim -V"] {
+            assert_eq!(
+                fastargs::version(&argv(a)).as_deref(),
+                Some(&*clap_line),
+                "{a}"
+            );
+        }
+        for a in [
+            "shim --version hook",
+            "shim hook --version",
+            "shim -V -V",
+            "shim",
+        ] {
+            assert_eq!(fastargs::version(&argv(a)), None, "{a}");
         }
     }
 
