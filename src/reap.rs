@@ -5,7 +5,9 @@
 use crate::config::Config;
 use crate::kernel::{At, Kernel, netns};
 use crate::modes::{self, ReleaseErrors};
-use crate::names::{BRIDGE_VETH_PREFIX, SHARED_VETH_PREFIX, is_our_name, owner_alias};
+use crate::names::{
+    BRIDGE_VETH_PREFIX, SHARED_VETH_MAC, SHARED_VETH_PREFIX, is_our_name, owner_alias,
+};
 use crate::state::{ContainerRecord, Lock, State, StateDir, StateError};
 use crate::types::NetworkMode;
 
@@ -120,7 +122,7 @@ pub fn stray_links(
         .iter()
         .find(|l| l.name == cfg.bridge_name)
         .map(|l| l.index);
-    let shared_mac = Some(crate::names::SHARED_VETH_MAC);
+    let shared_mac = Some(SHARED_VETH_MAC);
     Ok(links
         .iter()
         .filter(|l| !known.contains(&l.name.as_str()))
@@ -139,7 +141,6 @@ mod tests {
     use super::*;
     use crate::kernel::Link;
     use crate::kernel::fake::Fake;
-    use crate::modes::awsvpc::shared::HOST_VETH_MAC;
     use crate::state::EniRecord;
     use crate::types::{Attachment, MacAddr};
 
@@ -180,13 +181,13 @@ mod tests {
             veth(
                 "nsa0000000d",
                 None,
-                Some(HOST_VETH_MAC),
+                Some(SHARED_VETH_MAC),
                 Some(owner_alias(cfg)),
             ),
             veth(
                 "nsa0000000e",
                 None,
-                Some(HOST_VETH_MAC),
+                Some(SHARED_VETH_MAC),
                 Some("netshim:other0".into()),
             ),
             veth(
@@ -198,7 +199,7 @@ mod tests {
             veth(
                 "nsa00000010",
                 None,
-                Some(HOST_VETH_MAC),
+                Some(SHARED_VETH_MAC),
                 Some(owner_alias(cfg)),
             ),
         ] {

@@ -1213,18 +1213,7 @@ fn a_task_that_already_has_an_eth0_is_refused_and_the_eni_stays_on_the_host() {
     let mut vpc = Vpc::new(&[]);
     let e = vpc.attach_eni();
     let a = vpc.task();
-    ip(&[
-        "-n",
-        &vpc.ns(a),
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0p",
-    ]);
+    occupy_eth0(&vpc.ns(a));
     let before = link(&vpc.host, &e.name);
     let out = vpc.setup(a, &exclusive(&e, &["10.0.1.23/24"]), "", None);
     must_fail_with(&out, &["already has an interface named eth0"]);

@@ -965,18 +965,7 @@ fn a_setup_that_fails_after_its_sysctls_puts_back_exactly_what_it_changed() {
     // it creates), then fails (the container already has an eth0).
     set_sysctl(&rig.host, "net/ipv4/ip_forward", "0");
     let a = rig.container();
-    ip(&[
-        "-n",
-        &rig.containers[a].ns,
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0p",
-    ]);
+    occupy_eth0(&rig.containers[a].ns);
     let before = net_sysctls(&rig.host);
     let out = rig.setup(
         a,
@@ -998,18 +987,7 @@ fn a_setup_that_fails_after_its_sysctls_puts_back_exactly_what_it_changed() {
     set_sysctl(&rig.host, "net/ipv4/ip_forward", "0");
     set_sysctl(&rig.host, "net/ipv4/conf/netshim0/route_localnet", "0");
     let c = rig.container();
-    ip(&[
-        "-n",
-        &rig.containers[c].ns,
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0p",
-    ]);
+    occupy_eth0(&rig.containers[c].ns);
     let before = net_sysctls(&rig.host);
     must_fail_with(&rig.setup(c, r#"[{"containerPort":80}]"#), &["eth0"]);
     assert_eq!(

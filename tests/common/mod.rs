@@ -72,6 +72,14 @@ pub fn ip(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Gives netns `ns` an `eth0` of its own (a veth pair inside it), the name every mode gives
+/// the container's interface.
+pub fn occupy_eth0(ns: &str) {
+    ip(&[
+        "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ]);
+}
+
 /// Runs `f` on a thread inside netns `ns` (sockets it creates stay in that namespace).
 pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/run/netns/{ns}");

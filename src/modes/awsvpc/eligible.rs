@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::kernel::{At, Kernel, Link};
 use crate::modes::bridge::bridge_mac;
 use crate::names::{BRIDGE_VETH_PREFIX, SHARED_VETH_PREFIX, is_our_name};
-use crate::names::{SHARED_TABLE_BASE as TABLE_BASE, SHARED_VETH_MAC as HOST_VETH_MAC};
+use crate::names::{SHARED_TABLE_BASE, SHARED_VETH_MAC};
 use crate::state::State;
 use crate::state::claims::TRUNK;
 use crate::types::Attachment;
@@ -67,7 +67,7 @@ pub fn check(
     }
     if is_our_name(BRIDGE_VETH_PREFIX, name)
         || is_our_name(SHARED_VETH_PREFIX, name)
-        || link.mac == Some(HOST_VETH_MAC)
+        || link.mac == Some(SHARED_VETH_MAC)
         || name == &cfg.bridge_name
         || link.mac == Some(bridge_mac(&cfg.bridge_name))
     {
@@ -93,7 +93,7 @@ pub fn check(
         return refuse("not in awsvpc.allowed_interfaces".into());
     }
     // netshim's own table for a shared ENI carries a default route through it: not the host's.
-    let own_table = TABLE_BASE + link.index;
+    let own_table = SHARED_TABLE_BASE + link.index;
     let defaults = k
         .default_route_links()
         .context("list the host's default routes")?;

@@ -12,7 +12,9 @@ use crate::kernel::{At, Kernel, Link, LinkChange, MAIN_TABLE, Route};
 use crate::modes::awsvpc::eligible::{self, Use};
 use crate::modes::awsvpc::find;
 use crate::modes::{ModeFields, ReleaseErrors, SetupCtx, with_rollback};
-use crate::names::{SHARED_VETH_PREFIX, link_name, owner_alias};
+use crate::names::{
+    SHARED_TABLE_BASE, SHARED_VETH_MAC, SHARED_VETH_PREFIX, link_name, owner_alias,
+};
 use crate::request::EniSpec;
 use crate::state::{ContainerRecord, EniRecord, State};
 use crate::types::{Attachment, MacAddr, NetworkMode};
@@ -21,7 +23,6 @@ use crate::types::{Attachment, MacAddr, NetworkMode};
 pub const RULE_PRIORITY: u32 = 2000;
 /// The link-local gateway shared-ENI tasks route through.
 pub const LINK_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
-pub use crate::names::{SHARED_TABLE_BASE as TABLE_BASE, SHARED_VETH_MAC as HOST_VETH_MAC};
 
 /// With instance metadata answering for the ENI, every requested address must be one of its
 /// secondary addresses (the ones metadata lists after the primary). Asked before the lock; a
@@ -123,7 +124,7 @@ pub fn plan(
             name: link.name.clone(),
             attachment: Attachment::Shared,
             veth: Some(veth),
-            table: Some(TABLE_BASE + link.index),
+            table: Some(SHARED_TABLE_BASE + link.index),
             subnet: Some(subnet.to_string()),
             gateway: Some(gw),
             ..EniRecord::default()
@@ -256,7 +257,7 @@ fn steps(
             _ => {}
         }
     }
-    k.add_pair(veth, Some(HOST_VETH_MAC), "eth0", c.ns)
+    k.add_pair(veth, Some(SHARED_VETH_MAC), "eth0", c.ns)
         .with_context(|| format!("create veth {veth}"))?;
     crate::fault::point("awsvpc-shared-veth");
     let vidx = k
@@ -343,7 +344,7 @@ fn task_side(k: &mut dyn Kernel, c: &SetupCtx, eni: &EniSpec, ip: Ipv4Addr) -> a
         },
     )
     .with_context(|| format!("default route via {LINK_GATEWAY}"))?;
-    k.add_neigh(at, t, LINK_GATEWAY, HOST_VETH_MAC)
+    k.add_neigh(at, t, LINK_GATEWAY, SHARED_VETH_MAC)
         .with_context(|| format!("neighbour entry for {LINK_GATEWAY}"))
 }
 
