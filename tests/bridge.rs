@@ -403,6 +403,26 @@ fn udp_conntrack_is_flushed_so_a_replacement_gets_the_traffic() {
     assert_eq!(udp_ask(&client, HOST_IP, 15353).unwrap(), "new");
 }
 
+/// `n` containers are listed, each with its own host port, address and veth.
+fn assert_distinct(rig: &Rig, n: usize) {
+    let ports = rig.ports();
+    assert_eq!(ports.len(), n);
+    let mut hp: Vec<u64> = ports
+        .iter()
+        .map(|p| p["hostPort"].as_u64().unwrap())
+        .collect();
+    let mut ips: Vec<String> = ports
+        .iter()
+        .map(|p| p["containerIP"].as_str().unwrap().to_string())
+        .collect();
+    hp.sort();
+    hp.dedup();
+    ips.sort();
+    ips.dedup();
+    assert_eq!((hp.len(), ips.len()), (n, n), "duplicates: {ports:?}");
+    assert_eq!(rig.veths().len(), n);
+}
+
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn concurrent_setups_get_distinct_addresses_and_ports() {
@@ -433,22 +453,7 @@ fn concurrent_setups_get_distinct_addresses_and_ports() {
     for h in handles {
         must_succeed(&h.join().unwrap(), "parallel setup");
     }
-    let ports = rig.ports();
-    assert_eq!(ports.len(), n);
-    let mut hp: Vec<u64> = ports
-        .iter()
-        .map(|p| p["hostPort"].as_u64().unwrap())
-        .collect();
-    let mut ips: Vec<String> = ports
-        .iter()
-        .map(|p| p["containerIP"].as_str().unwrap().to_string())
-        .collect();
-    hp.sort();
-    hp.dedup();
-    ips.sort();
-    ips.dedup();
-    assert_eq!((hp.len(), ips.len()), (n, n));
-    assert_eq!(rig.veths().len(), n);
+    assert_distinct(&rig, n);
 }
 
 #[test]
@@ -820,22 +825,7 @@ fn sixty_four_concurrent_setups_then_teardowns_are_distinct_serve_and_leave_noth
     {
         must_succeed(o, &format!("setup of container {i}"));
     }
-    let ports = rig.ports();
-    assert_eq!(ports.len(), n);
-    let mut hp: Vec<u64> = ports
-        .iter()
-        .map(|p| p["hostPort"].as_u64().unwrap())
-        .collect();
-    let mut ips: Vec<String> = ports
-        .iter()
-        .map(|p| p["containerIP"].as_str().unwrap().to_string())
-        .collect();
-    hp.sort();
-    hp.dedup();
-    ips.sort();
-    ips.dedup();
-    assert_eq!((hp.len(), ips.len()), (n, n), "duplicates: {ports:?}");
-    assert_eq!(rig.veths().len(), n);
+    assert_distinct(&rig, n);
     for &i in &ids {
         let reply = format!("c{i}");
         let server = tcp_serve_once(&rig.containers[i].ns, 80, &reply);
