@@ -54,6 +54,7 @@ pub fn ports_map() -> Set {
         comment: Some(
             "protocol . host port -> container address . port (all host addresses)".into(),
         ),
+        timeout: true,
     }
 }
 
@@ -71,6 +72,7 @@ pub fn ports_ip_map() -> Set {
             "host address . protocol . host port -> container address . port (one host address)"
                 .into(),
         ),
+        timeout: true,
     }
 }
 
@@ -81,6 +83,7 @@ pub fn mapped_set() -> Set {
         key: vec![DataType::InetProto, DataType::InetService],
         data: None,
         comment: Some("protocol . host port of every mapping, for the loopback guard".into()),
+        timeout: true,
     }
 }
 
@@ -492,6 +495,32 @@ pub fn delete_elements(
         }
     }
     out
+}
+
+/// Retires one container's mappings ([`Op::RetireElements`], kernels that
+/// [`crate::kernel::nft::retires_elements`]): what [`delete_elements`] deletes, as one
+/// transaction that frees nothing, so the hook does not wait out an RCU grace period. The map
+/// elements carry their data: the kernel updates an element only if it matches.
+pub fn retire_elements(
+    table: &str,
+    ip: Ipv4Addr,
+    ports: &[PortRecord],
+    still_mapped: &dyn Fn(&PortRecord) -> bool,
+) -> Batch {
+    let t = host_table(table);
+    let mut by_set: BTreeMap<&'static str, Vec<Element>> = BTreeMap::new();
+    for p in ports {
+        let (set, e) = map_element(ip, p);
+        by_set.entry(set).or_default().push(e);
+        if !still_mapped(p) {
+            by_set.entry("mapped").or_default().push(mapped_element(p));
+        }
+    }
+    let mut b = Batch::new();
+    for (set, elems) in by_set {
+        b.push(Op::RetireElements(t.clone(), set.into(), elems));
+    }
+    b
 }
 
 /// Several batches as one transaction.

@@ -40,11 +40,7 @@ fn kernel_view(ns: &str) -> String {
         a.extend(args);
         s += &calm(ip_text(ns, &a[2..]));
     }
-    let out = command_in(ns, "/usr/sbin/nft")
-        .args(["list", "ruleset"])
-        .output()
-        .expect("nft");
-    s += &String::from_utf8_lossy(&out.stdout);
+    s += &nft_ruleset_settled(ns);
     // The sysctls netshim sets: forwarding, and per link proxy_arp and route_localnet.
     let sys = command_in(ns, "/bin/sh")
         .args([

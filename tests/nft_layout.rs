@@ -20,14 +20,17 @@ fn old_host_table(br: &str, net: &str) -> String {
 	map ports {{
 		comment "protocol . host port -> container address . port (all host addresses)"
 		type inet_proto . inet_service : ipv4_addr . inet_service
+		flags timeout
 	}}
 	map ports_ip {{
 		comment "host address . protocol . host port -> container address . port (one host address)"
 		type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service
+		flags timeout
 	}}
 	set mapped {{
 		comment "protocol . host port of every mapping, for the loopback guard"
 		type inet_proto . inet_service
+		flags timeout
 	}}
 	chain guard {{
 		comment "drop packets for a mapped port sent to 127.0.0.0/8 from outside the host"

@@ -68,6 +68,10 @@ pub struct Fake {
     pub fail_also: Option<&'static str>,
     /// Each conntrack flush asked for.
     pub flushes: Vec<String>,
+    /// A kernel older than 6.12, which cannot retire set elements (teardowns delete them).
+    pub no_retire: bool,
+    /// Every nftables transaction applied, in order.
+    pub nft_log: Vec<Batch>,
     /// Pins opened later, mapped onto their namespace.
     aliases: HashMap<i32, Ns>,
     /// Each veth end's peer (both ways): deleting one end deletes the other, as in the kernel.
@@ -431,7 +435,13 @@ impl Kernel for Fake {
 
     fn nft(&mut self, batch: &Batch) -> Result<(), NftError> {
         self.nft_step("nft")?;
-        self.nft.apply(batch)
+        self.nft.apply(batch)?;
+        self.nft_log.push(batch.clone());
+        Ok(())
+    }
+
+    fn nft_retires_elements(&self) -> bool {
+        !self.no_retire
     }
 
     fn nft_rule_counts(

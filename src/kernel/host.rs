@@ -247,6 +247,10 @@ impl Kernel for HostKernel {
         self.nft_socket()?.apply(batch)
     }
 
+    fn nft_retires_elements(&self) -> bool {
+        super::nft::retires_elements()
+    }
+
     fn nft_rule_counts(
         &mut self,
         table: &TableRef,

@@ -154,6 +154,8 @@ pub trait Kernel {
     }
     /// One nftables transaction in the host netns: all of `batch` applies, or none of it.
     fn nft(&mut self, batch: &Batch) -> Result<(), NftError>;
+    /// Whether [`nft::Op::RetireElements`] takes effect here (Linux 6.12 and later).
+    fn nft_retires_elements(&self) -> bool;
     /// Rules per chain of a host table (one dump); `None` when the table does not exist.
     fn nft_rule_counts(
         &mut self,

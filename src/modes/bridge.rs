@@ -322,7 +322,21 @@ fn apply_steps(
         Err(e) => Health::Damaged(e.to_string()),
     };
     let add = firewall::add_elements(&table, ip, ports);
-    let added = health == Health::Ok && k.nft(&add).is_ok();
+    let added = health == Health::Ok
+        && match k.nft(&add) {
+            Ok(()) => true,
+            // A mapping of this host port retired by a teardown less than a clock tick ago
+            // still holds the key with its old container's address. The ledger, under the
+            // lock, says the port is this container's: the old element goes, then the add.
+            Err(e) if e.errno == Some(libc::EEXIST) => {
+                let stale = firewall::delete_elements(&table, ports, &|_| true);
+                for d in &stale {
+                    let _ = k.nft(d);
+                }
+                k.nft(&add).is_ok()
+            }
+            Err(_) => false,
+        };
     if !added {
         // Rare (first use, a firewall reload or flush): the whole ledger is read.
         let records = state.records();
@@ -465,9 +479,17 @@ pub fn teardown(
 ) {
     if !rec.ports.is_empty() {
         let table = firewall::table_name(rec.bridge.as_deref().unwrap_or(firewall::DEFAULT_BRIDGE));
-        let dels =
-            firewall::delete_elements(&table, &rec.ports, &|p| still_mapped(state, &rec.id, p));
-        if k.nft(&firewall::concat(&dels)).is_err() {
+        let others = |p: &PortRecord| still_mapped(state, &rec.id, p);
+        // Retired in one update where the kernel can (nothing left for it to free, so the
+        // hook's exit does not wait out an RCU grace period); deleted otherwise, or when the
+        // update is refused (a table from before the maps had timeouts, elements gone).
+        let retired = k.nft_retires_elements()
+            && rec.ip.is_some_and(|ip| {
+                k.nft(&firewall::retire_elements(&table, ip, &rec.ports, &others))
+                    .is_ok()
+            });
+        let dels = firewall::delete_elements(&table, &rec.ports, &others);
+        if !retired && k.nft(&firewall::concat(&dels)).is_err() {
             // Some element or the table is already gone: delete one by one, ignoring absent ones.
             for d in &dels {
                 if let Err(e) = k.nft(d)
@@ -518,6 +540,7 @@ mod tests {
     use crate::alloc::NoProbe;
     use crate::kernel::Link;
     use crate::kernel::fake::{Fake, netns};
+    use crate::kernel::nft::Op;
     use crate::request::from_annotations;
     use crate::types::NetworkMode;
     use std::collections::HashMap;
@@ -583,6 +606,94 @@ mod tests {
         // Idempotent: a second teardown finds nothing and reports nothing.
         teardown(&mut k, &st, &rec, &mut errs);
         assert!(errs.is_empty(), "{errs}");
+    }
+
+    /// The element operations of the transactions `k` applied from `from` on.
+    fn element_ops(k: &Fake, from: usize) -> Vec<&'static str> {
+        k.nft_log[from..]
+            .iter()
+            .flat_map(|b| &b.ops)
+            .filter_map(|o| match o {
+                Op::AddElements(..) => Some("add"),
+                Op::DelElements(..) => Some("delete"),
+                Op::RetireElements(..) => Some("retire"),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_teardown_retires_its_elements_where_the_kernel_can_and_deletes_them_elsewhere() {
+        for old_kernel in [false, true] {
+            let (mut st, mut k) = (State::default(), Fake::new());
+            k.no_retire = old_kernel;
+            let (p, r) = setup(&mut k, &mut st, "a", TCP_UDP);
+            r.unwrap();
+            let rec = record("a", &p);
+            st.containers.insert("a".into(), rec.clone());
+            let from = k.nft_log.len();
+            let mut errs = ReleaseErrors::default();
+            teardown(&mut k, &st, &rec, &mut errs);
+            assert!(errs.is_empty(), "{errs}");
+            assert!(k.elements().is_empty(), "{:?}", k.elements());
+            // Deleted one transaction per element (TCP and UDP: map and guard set each), or
+            // retired in one, one operation per set.
+            let want: &[&str] = if old_kernel {
+                &["delete"; 4]
+            } else {
+                &["retire", "retire"]
+            };
+            assert_eq!(
+                element_ops(&k, from),
+                want,
+                "6.12 or later: {}",
+                !old_kernel
+            );
+        }
+    }
+
+    #[test]
+    fn a_refused_retirement_falls_back_to_deletion() {
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let (p, r) = setup(&mut k, &mut st, "a", TCP_UDP);
+        r.unwrap();
+        // The kernel's element points elsewhere than the record says (an update must match).
+        let mut rec = record("a", &p);
+        rec.ip = Some(Ipv4Addr::new(10, 213, 9, 9));
+        st.containers.insert("a".into(), rec.clone());
+        let from = k.nft_log.len();
+        let mut errs = ReleaseErrors::default();
+        teardown(&mut k, &st, &rec, &mut errs);
+        assert!(errs.is_empty(), "{errs}");
+        assert!(k.elements().is_empty(), "{:?}", k.elements());
+        assert_eq!(element_ops(&k, from), ["delete"; 4]);
+    }
+
+    #[test]
+    fn a_setup_takes_over_a_host_port_whose_retired_element_still_lingers() {
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let maps = r#"[{"containerPort":80,"hostPort":8080}]"#;
+        let (p, r) = setup(&mut k, &mut st, "a", maps);
+        r.unwrap();
+        // The kernel still holds a's element (retired less than a tick ago), the ledger not.
+        let lingering = k.elements();
+        let from = k.nft_log.len();
+        let (q, r) = setup(&mut k, &mut st, "b", maps);
+        r.unwrap();
+        assert_ne!(p.ip, q.ip);
+        let now = k.elements();
+        assert_eq!(now.len(), lingering.len(), "{now:?}");
+        let want = q.ip.unwrap().to_string();
+        assert!(
+            now.iter().any(|e| e.contains("8080") && e.contains(&want)),
+            "{now:?}"
+        );
+        // Not a table rebuild: the stale key was deleted, then the add retried.
+        assert_eq!(element_ops(&k, from), ["delete", "add", "add"]);
+        let rebuilt = k.nft_log[from..]
+            .iter()
+            .any(|b| b.ops.iter().any(|o| matches!(o, Op::AddTable(_))));
+        assert!(!rebuilt);
     }
 
     #[test]

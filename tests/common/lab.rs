@@ -456,6 +456,16 @@ impl World {
 
     /// Elements of an nft map or set of `ip netshim` in H; empty if the table is gone.
     pub fn nft_elements(&self, kind: &str, name: &str) -> Vec<Value> {
+        // A poststop retires elements with a 1 ms timeout (Linux 6.12+): wait for the tick.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while std::time::Instant::now() < deadline
+            && String::from_utf8_lossy(
+                &output(self.in_host("nft").args(["list", "ruleset"])).stdout,
+            )
+            .contains(" expires ")
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let out = output(
             self.in_host("nft")
                 .args(["-j", "list", kind, "ip", "netshim", name]),

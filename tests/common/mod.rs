@@ -94,6 +94,25 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
     .expect("thread in netns panicked")
 }
 
+/// `nft list ruleset` in netns `ns` once no element is retiring any more: a poststop retires map
+/// elements with a 1 ms timeout (Linux 6.12+), and they are listed, with `expires`, until the
+/// next clock tick. Waits at most 1 s, then answers what it lists (so an element that never
+/// goes still fails the caller's check).
+pub fn nft_ruleset_settled(ns: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let out = command_in(ns, "/usr/sbin/nft")
+            .args(["list", "ruleset"])
+            .output()
+            .expect("nft");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if !text.contains(" expires ") || std::time::Instant::now() > deadline {
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// A command that starts inside netns `ns`.
 pub fn command_in(ns: &str, program: &str) -> Command {
     let f = File::open(format!("/run/netns/{ns}")).expect("open netns");
@@ -493,6 +512,7 @@ impl Rig {
 
     /// Elements of the shim's `ports` map in the host namespace ("" if the table is absent).
     pub fn nft_elements(&self) -> String {
+        nft_ruleset_settled(&self.host);
         let out = command_in(&self.host, "/usr/sbin/nft")
             .args(["list", "map", "ip", "netshim", "ports"])
             .output()
@@ -507,6 +527,7 @@ impl Rig {
     /// How many elements each non-empty map and set of the shim's table holds, by name (empty
     /// if the table is absent).
     pub fn nft_element_counts(&self) -> std::collections::BTreeMap<String, usize> {
+        nft_ruleset_settled(&self.host);
         let out = command_in(&self.host, "/usr/sbin/nft")
             .args(["-j", "list", "table", "ip", "netshim"])
             .output()
@@ -529,7 +550,9 @@ impl Rig {
         found
     }
 
+    /// `nft ARGS` in the host netns, once no element is retiring ([`nft_ruleset_settled`]).
     pub fn nft(&self, args: &[&str]) -> Output {
+        nft_ruleset_settled(&self.host);
         must_output(command_in(&self.host, "/usr/sbin/nft").args(args))
     }
 }

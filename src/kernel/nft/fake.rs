@@ -60,13 +60,36 @@ impl Tables {
             Op::AddElements(t, s, es) => {
                 let set = self.table(t, op)?.sets.get_mut(s).ok_or_else(missing)?;
                 for e in es {
-                    set.insert(e.key.clone(), e.data.clone());
+                    // The same element again is fine; the key with other data is a clash.
+                    match set.get(&e.key) {
+                        Some(d) if *d != e.data => {
+                            return Err(NftError::os(libc::EEXIST, op.describe()));
+                        }
+                        _ => {
+                            set.insert(e.key.clone(), e.data.clone());
+                        }
+                    }
                 }
             }
             Op::DelElements(t, s, es) => {
                 let set = self.table(t, op)?.sets.get_mut(s).ok_or_else(missing)?;
                 for e in es {
                     set.remove(&e.key).ok_or_else(missing)?;
+                }
+            }
+            // As the kernel is a clock tick later: the elements are gone (or never were).
+            // Other data than the set holds is a clash, as for an add.
+            Op::RetireElements(t, s, es) => {
+                let set = self.table(t, op)?.sets.get_mut(s).ok_or_else(missing)?;
+                for e in es {
+                    match set.get(&e.key) {
+                        Some(d) if *d != e.data => {
+                            return Err(NftError::os(libc::EEXIST, op.describe()));
+                        }
+                        _ => {
+                            set.remove(&e.key);
+                        }
+                    }
                 }
             }
         }
