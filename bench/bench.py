@@ -47,6 +47,8 @@ NEEDS = {  # what the bench runs -> Debian package (installed by `scripts/deps.s
     "/usr/bin/strace": "strace", "/usr/bin/time": "time", "/usr/sbin/conntrack": "conntrack",
     "/usr/sbin/nft": "nftables", "/usr/bin/perf": "linux-perf"}
 LIBC = ctypes.CDLL(None, use_errno=True)
+# Linux 6.12+ updates an element's timeout in place (netshim's teardown retires elements so).
+RETIRES = tuple(int(x) for x in platform.release().split(".")[:2] if x.isdigit()) >= (6, 12)
 
 
 def log(msg):
@@ -314,9 +316,17 @@ class Stack:
             time.sleep(0.02)
 
     def nft_map_elems(self):
-        """(key atoms, value atoms) of every map element in this netns's nftables ruleset."""
+        """(key atoms, value atoms) of every map element in this netns's nftables ruleset, once
+        no element is retiring (a teardown's 1 ms timeout, listed until the next tick; at most
+        1 s, then what is listed)."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            listed = json.loads(run(["nft", "-j", "list", "ruleset"]).stdout).get("nftables", [])
+            if "expires" not in json.dumps(listed) or time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
         out = []
-        for o in json.loads(run(["nft", "-j", "list", "ruleset"]).stdout).get("nftables", []):
+        for o in listed:
             for e in o.get("map", {}).get("elem", []):
                 if isinstance(e, list) and len(e) == 2:
                     out.append((atoms(e[0]), atoms(e[1])))
@@ -400,7 +410,9 @@ class Netshim(Stack):
 
 class Floor(Stack):
     """The same work as netshim's setup in the fewest processes a shell needs: `ip -batch` for
-    the host side, `ip -n NS -batch` for the container side, one `nft` for the two elements."""
+    the host side, `ip -n NS -batch` for the container side, one `nft` for the two elements.
+    Teardown retires the elements as netshim does on Linux 6.12+ (re-added with a 1 ms timeout,
+    so `nft`'s exit does not wait for an RCU grace period), or deletes them on older kernels."""
     name, tag, bridge, net = "ip+nft", "f", "nsfloor0", "10.214"
     port0, table = 10000, "nsfloor"
 
@@ -409,8 +421,9 @@ class Floor(Stack):
             f"addr add {self.net}.0.1/16 dev {self.bridge}\nlink set {self.bridge} up\n")
         run(["nft", "-f", "-"], (
             f"table ip {self.table} {{\n"
-            "  map ports { type inet_proto . inet_service : ipv4_addr . inet_service; }\n"
-            "  set mapped { type inet_proto . inet_service; }\n"
+            "  map ports { type inet_proto . inet_service : ipv4_addr . inet_service; "
+            "flags timeout; }\n"
+            "  set mapped { type inet_proto . inet_service; flags timeout; }\n"
             "  chain prerouting { type nat hook prerouting priority dstnat; policy accept;\n"
             "    fib daddr type local meta l4proto { tcp, udp } "
             "dnat ip to meta l4proto . th dport map @ports\n  }\n}\n"))
@@ -430,6 +443,10 @@ class Floor(Stack):
                 f"route add default via {self.net}.0.1\n").encode()
 
     def elements(self, c, verb):
+        if verb == "retire":  # an update with a 1 ms timeout (Linux 6.12+)
+            return ["nft", f"add element ip {self.table} ports "
+                           f"{{ tcp . {c.port} timeout 1ms : {c.ip} . 80 }}; "
+                           f"add element ip {self.table} mapped {{ tcp . {c.port} timeout 1ms }}"]
         val = f" : {c.ip} . 80" if verb == "add" else ""
         return ["nft", f"{verb} element ip {self.table} ports {{ tcp . {c.port}{val} }}; "
                        f"{verb} element ip {self.table} mapped {{ tcp . {c.port} }}"]
@@ -445,7 +462,7 @@ class Floor(Stack):
         run(self.elements(c, "add"))
 
     def teardown(self, c, st):  # the veth went with the netns
-        st.run(self.elements(c, "delete"), None, self.env)
+        st.run(self.elements(c, "retire" if RETIRES else "delete"), None, self.env)
 
     def check_up(self, c):
         self.check_link(c)

@@ -106,9 +106,10 @@ enum Allow {
 
 /// Flushes stale UDP entries in the network namespace it was first used in.
 ///
-/// Keeps its socket until dropped: closing a netfilter socket right after an nftables
-/// transaction waits for that transaction's deferred cleanup (an RCU grace period, in
-/// nf_tables' netlink release notifier), so the socket goes with the hook's others at its end.
+/// Keeps its socket until dropped: closing a netfilter socket right after an nftables deletion
+/// (kernels before 6.12, which cannot retire elements, or a table rebuild) waits for its
+/// deferred cleanup (an RCU grace period, in nf_tables' netlink release notifier), so the
+/// socket goes with the hook's others at its end.
 #[derive(Default)]
 pub struct Conntrack {
     sock: Option<Ctnetlink>,
