@@ -287,6 +287,21 @@ mod tests {
     }
 
     #[test]
+    fn a_nested_value_with_a_c1_control_is_escaped_in_the_refusal() {
+        let e = from_annotations(&ann(&[
+            (MODE, "bridge"),
+            (
+                PORT_MAPPINGS,
+                "[{\"containerPort\":[\"\\u001b[2J\u{9b}\"]}]",
+            ),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.contains("\\u009b"), "{e}");
+    }
+
+    #[test]
     fn quoted_tenant_text_stays_on_one_short_line() {
         assert_eq!(quote("a\u{1b}[2Jb"), "\"a\\u001b[2Jb\"");
         assert_eq!(quote("x\u{9b}y"), "\"x\\u009by\"");

@@ -59,8 +59,10 @@ pub(crate) fn short(v: &Value) -> String {
     match v {
         Value::String(s) => quote(s),
         other => {
-            let t = other.to_string();
-            if t.len() > 40 {
+            // serde_json escapes C0 controls inside strings but leaves C1 (U+0080-U+009F, e.g.
+            // the one-byte CSI U+009B) as they are: escape them before they reach a terminal.
+            let t = crate::output::escape_controls(&other.to_string());
+            if t.chars().count() > 40 {
                 format!("{}…", t.chars().take(40).collect::<String>())
             } else {
                 t

@@ -57,17 +57,22 @@ impl Tables {
                     .get_mut(&r.chain)
                     .ok_or_else(missing)? += 1;
             }
-            Op::AddElements(t, s, es) => {
+            // The same element again is fine; the key with other data is a clash (EEXIST),
+            // for an add as for a retirement. A retired element is shown as the kernel has it
+            // a clock tick later: gone (or never there).
+            Op::AddElements(t, s, es) | Op::RetireElements(t, s, es) => {
                 let set = self.table(t, op)?.sets.get_mut(s).ok_or_else(missing)?;
+                if es
+                    .iter()
+                    .any(|e| set.get(&e.key).is_some_and(|d| *d != e.data))
+                {
+                    return Err(NftError::os(libc::EEXIST, op.describe()));
+                }
                 for e in es {
-                    // The same element again is fine; the key with other data is a clash.
-                    match set.get(&e.key) {
-                        Some(d) if *d != e.data => {
-                            return Err(NftError::os(libc::EEXIST, op.describe()));
-                        }
-                        _ => {
-                            set.insert(e.key.clone(), e.data.clone());
-                        }
+                    if matches!(op, Op::AddElements(..)) {
+                        set.insert(e.key.clone(), e.data.clone());
+                    } else {
+                        set.remove(&e.key);
                     }
                 }
             }
@@ -75,21 +80,6 @@ impl Tables {
                 let set = self.table(t, op)?.sets.get_mut(s).ok_or_else(missing)?;
                 for e in es {
                     set.remove(&e.key).ok_or_else(missing)?;
-                }
-            }
-            // As the kernel is a clock tick later: the elements are gone (or never were).
-            // Other data than the set holds is a clash, as for an add.
-            Op::RetireElements(t, s, es) => {
-                let set = self.table(t, op)?.sets.get_mut(s).ok_or_else(missing)?;
-                for e in es {
-                    match set.get(&e.key) {
-                        Some(d) if *d != e.data => {
-                            return Err(NftError::os(libc::EEXIST, op.describe()));
-                        }
-                        _ => {
-                            set.remove(&e.key);
-                        }
-                    }
                 }
             }
         }
