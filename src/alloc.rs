@@ -186,6 +186,7 @@ pub fn allocate_ports(
                 host_ip: m.host_ip,
                 name: m.name.clone(),
                 dynamic: m.host == HostPorts::Dynamic,
+                ct_zone: None,
             });
         }
     }
@@ -326,6 +327,21 @@ pub fn allocate_ip(state: &mut State, subnet: Ipv4Network) -> Result<Ipv4Addr, A
     })
 }
 
+/// The conntrack zone of a container's UDP mappings: the next after the last one given, 1 to
+/// 65,535 and round again (0 is the host's default zone). A zone comes back only after 65,534
+/// other containers with UDP mappings, long after the entries of its last holder expired: they
+/// stop being refreshed at its teardown (its zone elements go) and UDP entries live 30 s
+/// unreplied, 120 s assured, so a new holder of the same host port never shares a zone with an
+/// entry of the old one.
+pub fn allocate_zone(state: &mut State) -> u16 {
+    let next = match state.cursors.zone {
+        Some(z) if z < u16::MAX => z + 1,
+        _ => 1,
+    };
+    state.cursors.zone = Some(next);
+    next
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,6 +442,7 @@ mod tests {
                 host_ip: None,
                 name: None,
                 dynamic: false,
+                ct_zone: None,
             }],
             None,
         );
@@ -680,6 +697,17 @@ mod tests {
             allocate_ip(&mut st, net).unwrap(),
             Ipv4Addr::new(10, 9, 0, 3)
         );
+    }
+
+    #[test]
+    fn zones_go_round_from_one_and_never_give_zero() {
+        let mut st = State::default();
+        assert_eq!(allocate_zone(&mut st), 1);
+        assert_eq!(allocate_zone(&mut st), 2);
+        st.cursors.zone = Some(u16::MAX - 1);
+        assert_eq!(allocate_zone(&mut st), u16::MAX);
+        assert_eq!(allocate_zone(&mut st), 1, "0 is the host's zone");
+        assert_eq!(st.cursors.zone, Some(1));
     }
 
     #[test]

@@ -17,9 +17,9 @@ use crate::kernel::nft::{
     Addr, Base, BaseChain, Batch, CT_ESTABLISHED, CT_NEW, CT_RELATED, CT_STATUS_DNAT, Chain,
     ChainType, CmpOp, CtKey, DataType, Element, Expr, Family, Field, HookPoint, IPPROTO_TCP,
     IPPROTO_UDP, Iface, MetaKey, NFPROTO_IPV4, NFPROTO_IPV6, NftError, Op, PRIO_DSTNAT,
-    PRIO_FILTER, PRIO_RAW, PRIO_SRCNAT, Register, Rule, Set, TableRef, Verdict, ct_any, dport,
-    fib_daddr_local, ifname, ip_addr, ip_daddr_in, ip6_addr, ip6_daddr, l4proto, l4proto_in,
-    nfproto,
+    PRIO_FILTER, PRIO_RAW, PRIO_SRCNAT, Register, Rule, Set, TableRef, Typeof, TypeofExpr, Verdict,
+    ct_any, dport, fib_daddr_local, ifname, ip_addr, ip_daddr_in, ip6_addr, ip6_daddr, l4proto,
+    l4proto_in, nfproto,
 };
 use crate::request::IngressRule;
 use crate::state::{ContainerRecord, PortRecord};
@@ -55,6 +55,7 @@ pub fn ports_map() -> Set {
             "protocol . host port -> container address . port (all host addresses)".into(),
         ),
         timeout: true,
+        typeof_: None,
     }
 }
 
@@ -73,6 +74,7 @@ pub fn ports_ip_map() -> Set {
                 .into(),
         ),
         timeout: true,
+        typeof_: None,
     }
 }
 
@@ -84,12 +86,52 @@ pub fn mapped_set() -> Set {
         data: None,
         comment: Some("protocol . host port of every mapping, for the loopback guard".into()),
         timeout: true,
+        typeof_: None,
+    }
+}
+
+/// `udp dport -> ct zone`: the conntrack zone of each UDP mapping on all host addresses.
+pub fn zones_map() -> Set {
+    Set {
+        name: "zones".into(),
+        key: vec![DataType::InetService],
+        data: Some(vec![DataType::CtZone]),
+        comment: Some("UDP host port -> conntrack zone of its mapping (all host addresses)".into()),
+        timeout: true,
+        typeof_: Some(Typeof {
+            key: vec![TypeofExpr::UdpDport],
+            data: TypeofExpr::CtZone,
+        }),
+    }
+}
+
+/// `ip daddr . udp dport -> ct zone`, for UDP mappings on one host address.
+pub fn zones_ip_map() -> Set {
+    Set {
+        name: "zones_ip".into(),
+        key: vec![DataType::Ipv4Addr, DataType::InetService],
+        data: Some(vec![DataType::CtZone]),
+        comment: Some(
+            "host address . UDP host port -> conntrack zone of its mapping (one host address)"
+                .into(),
+        ),
+        timeout: true,
+        typeof_: Some(Typeof {
+            key: vec![TypeofExpr::IpDaddr, TypeofExpr::UdpDport],
+            data: TypeofExpr::CtZone,
+        }),
     }
 }
 
 /// The maps and the set of the host table.
-pub fn sets() -> [Set; 3] {
-    [ports_map(), ports_ip_map(), mapped_set()]
+pub fn sets() -> [Set; 5] {
+    [
+        ports_map(),
+        ports_ip_map(),
+        mapped_set(),
+        zones_map(),
+        zones_ip_map(),
+    ]
 }
 
 fn proto_num(p: Protocol) -> u8 {
@@ -176,6 +218,17 @@ impl Layout<'_> {
                 Some("drop packets for a mapped port sent to 127.0.0.0/8 from outside the host"),
             ),
             chain(
+                "zone",
+                Some((ChainType::Filter, HookPoint::Prerouting, PRIO_RAW)),
+                Some(ZONE_COMMENT),
+            ),
+            chain(
+                "zone_out",
+                Some((ChainType::Filter, HookPoint::Output, PRIO_RAW)),
+                Some(ZONE_COMMENT),
+            ),
+            chain("udp_zone", None, None),
+            chain(
                 "prerouting",
                 Some((ChainType::Nat, HookPoint::Prerouting, PRIO_DSTNAT)),
                 None,
@@ -204,6 +257,13 @@ impl Layout<'_> {
         }
         let out = |op| ifname(Iface::Out, op, br);
         let jump = || verdict(Verdict::Jump("dnat_ports".into()));
+        let to_zone = || {
+            vec![
+                fib_daddr_local(),
+                l4proto(IPPROTO_UDP),
+                verdict(Verdict::Jump("udp_zone".into())),
+            ]
+        };
         let rules = [
             rule(
                 "guard",
@@ -220,6 +280,44 @@ impl Layout<'_> {
                         Expr::Counter,
                     ],
                     verdict(Verdict::Drop),
+                ],
+                None,
+            ),
+            rule("zone", to_zone(), None),
+            rule("zone_out", to_zone(), None),
+            rule(
+                "udp_zone",
+                vec![
+                    l4proto(IPPROTO_UDP),
+                    vec![
+                        Expr::Payload {
+                            base: Base::Network,
+                            offset: 16,
+                            len: 4,
+                            dreg: Register::Reg1,
+                        },
+                        Expr::Payload {
+                            base: Base::Transport,
+                            offset: 2,
+                            len: 2,
+                            dreg: Register::Reg32_01,
+                        },
+                    ],
+                    zone_via("zones_ip"),
+                ],
+                None,
+            ),
+            rule(
+                "udp_zone",
+                vec![
+                    l4proto(IPPROTO_UDP),
+                    vec![Expr::Payload {
+                        base: Base::Transport,
+                        offset: 2,
+                        len: 2,
+                        dreg: Register::Reg1,
+                    }],
+                    zone_via("zones"),
                 ],
                 None,
             ),
@@ -339,8 +437,9 @@ impl Layout<'_> {
         for r in records {
             if let Some(ip) = r.ip {
                 for p in &r.ports {
-                    let (set, e) = map_element(ip, p);
-                    by_set.entry(set).or_default().insert(e);
+                    for (set, e) in elements_of(ip, p) {
+                        by_set.entry(set).or_default().insert(e);
+                    }
                     by_set
                         .entry("mapped")
                         .or_default()
@@ -399,6 +498,23 @@ impl Layout<'_> {
     }
 }
 
+/// What the `zone` chains say: why UDP to a mapped host port gets a zone.
+const ZONE_COMMENT: &str = "UDP to a mapped host port: looked up in its mapping's conntrack zone, so no entry made before the mapping catches it";
+
+/// `ct original zone set ... map @map`, the key already in register 1.
+fn zone_via(map: &str) -> Vec<Expr> {
+    vec![
+        Expr::Lookup {
+            set: map.into(),
+            sreg: Register::Reg1,
+            dreg: Some(Register::Reg1),
+        },
+        Expr::CtSetOriginalZone {
+            sreg: Register::Reg1,
+        },
+    ]
+}
+
 fn dnat_via(map: &str) -> Vec<Expr> {
     vec![
         Expr::Lookup {
@@ -444,6 +560,29 @@ fn map_key(p: &PortRecord) -> (&'static str, Element) {
     }
 }
 
+/// The conntrack-zone element of a UDP mapping given a zone (`zones` or `zones_ip`).
+fn zone_element(p: &PortRecord) -> Option<(&'static str, Element)> {
+    let zone = p.ct_zone.filter(|_| p.protocol == Protocol::Udp)?;
+    let port = Field::Port(p.host_port);
+    let (set, key) = match p.host_ip {
+        Some(hip) => ("zones_ip", vec![Field::Ipv4(hip), port]),
+        None => ("zones", vec![port]),
+    };
+    Some((
+        set,
+        Element {
+            key,
+            data: Some(vec![Field::Zone(zone)]),
+        },
+    ))
+}
+
+/// The map elements of one mapping to container address `ip`: its DNAT element and, for UDP
+/// with a zone, its zone element (the `mapped` set entry apart: it may be shared).
+fn elements_of(ip: Ipv4Addr, p: &PortRecord) -> impl Iterator<Item = (&'static str, Element)> {
+    std::iter::once(map_element(ip, p)).chain(zone_element(p))
+}
+
 /// The `mapped` element (protocol . host port) of a mapping.
 pub fn mapped_element(p: &PortRecord) -> Element {
     Element {
@@ -460,8 +599,9 @@ pub fn add_elements(table: &str, ip: Ipv4Addr, ports: &[PortRecord]) -> Batch {
     let t = host_table(table);
     let mut by_set: BTreeMap<&'static str, Vec<Element>> = BTreeMap::new();
     for p in ports {
-        let (set, e) = map_element(ip, p);
-        by_set.entry(set).or_default().push(e);
+        for (set, e) in elements_of(ip, p) {
+            by_set.entry(set).or_default().push(e);
+        }
         by_set.entry("mapped").or_default().push(mapped_element(p));
     }
     let mut b = Batch::new();
@@ -490,6 +630,9 @@ pub fn delete_elements(
     for p in ports {
         let (set, e) = map_key(p);
         out.push(one(set, e));
+        if let Some((set, e)) = zone_element(p) {
+            out.push(one(set, Element { data: None, ..e }));
+        }
         if !still_mapped(p) {
             out.push(one("mapped", mapped_element(p)));
         }
@@ -510,8 +653,9 @@ pub fn retire_elements(
     let t = host_table(table);
     let mut by_set: BTreeMap<&'static str, Vec<Element>> = BTreeMap::new();
     for p in ports {
-        let (set, e) = map_element(ip, p);
-        by_set.entry(set).or_default().push(e);
+        for (set, e) in elements_of(ip, p) {
+            by_set.entry(set).or_default().push(e);
+        }
         if !still_mapped(p) {
             by_set.entry("mapped").or_default().push(mapped_element(p));
         }
@@ -557,8 +701,9 @@ pub fn reconcile<'r>(
     for r in records {
         if let Some(ip) = r.ip {
             for p in &r.ports {
-                let (set, e) = map_element(ip, p);
-                want.entry(set.into()).or_default().insert(e);
+                for (set, e) in elements_of(ip, p) {
+                    want.entry(set.into()).or_default().insert(e);
+                }
                 want.entry("mapped".into())
                     .or_default()
                     .insert(mapped_element(p));
@@ -732,6 +877,7 @@ mod tests {
             host_ip: hip,
             name: None,
             dynamic: false,
+            ct_zone: None,
         }
     }
 
@@ -876,7 +1022,10 @@ mod tests {
                 ("guard", 1),
                 ("output", 1),
                 ("postrouting", 3),
-                ("prerouting", 1)
+                ("prerouting", 1),
+                ("udp_zone", 2),
+                ("zone", 1),
+                ("zone_out", 1)
             ]
         );
         // A hostile bridge name is bytes in a comparison, or refused when it cannot be one.
@@ -1072,6 +1221,7 @@ mod tests {
                         host_ip: None,
                         name: None,
                         dynamic: true,
+                        ct_zone: None,
                     })
                     .collect();
                 n.apply(&add_elements("netshim", [10, 213, 1, 1].into(), &filler))
@@ -1083,6 +1233,7 @@ mod tests {
                     host_ip: None,
                     name: None,
                     dynamic: true,
+                    ct_zone: None,
                 }];
                 let add = add_elements("netshim", [10, 213, 0, 2].into(), &p);
                 let del = concat(&delete_elements("netshim", &p, &|_| false));

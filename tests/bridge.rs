@@ -375,7 +375,7 @@ fn setup_twice_for_one_container_is_a_no_op_and_a_reused_id_is_replaced() {
 
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
-fn udp_conntrack_is_flushed_so_a_replacement_gets_the_traffic() {
+fn a_replacement_on_the_same_udp_host_port_gets_the_same_clients_traffic() {
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     must_succeed(
@@ -399,7 +399,8 @@ fn udp_conntrack_is_flushed_so_a_replacement_gets_the_traffic() {
         "setup b",
     );
     udp_server(&rig.containers[b].ns, 53, "new");
-    // Same client socket, same 5-tuple: a stale conntrack entry would still point at a.
+    // Same client socket, same 5-tuple: a's entry is still there (nothing is flushed), in a's
+    // conntrack zone, which b's mapping does not use.
     assert_eq!(udp_ask(&client, HOST_IP, 15353).unwrap(), "new");
 }
 

@@ -1,16 +1,18 @@
-//! UDP conntrack flushes against real traffic: stale entries made by real clients go at setup
-//! and teardown, while 20,000 unrelated entries and the containers' own traffic stay. Needs
-//! root and `conntrack` (conntrack-tools) to inspect the table; each test has its own host
-//! namespace.
+//! UDP mappings and conntrack against real traffic: each bridge container's UDP mappings have a
+//! conntrack zone of their own, so entries made before a mapping (clients that tried while
+//! nothing or an earlier container held the port) catch none of its datagrams, and its own
+//! entries catch nothing once it is gone; nothing is flushed, so 20,000 unrelated entries and
+//! the containers' own traffic stay. Needs root and `conntrack` (conntrack-tools) to inspect
+//! the table; each test has its own host namespace.
 
 #[macro_use]
 mod common;
 
 use std::net::UdpSocket;
-use std::time::Instant;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use common::*;
-
 /// How many entries `conntrack -L ARGS` lists in the rig's host namespace.
 fn entries(rig: &Rig, args: &[&str]) -> usize {
     let out = command_in(&rig.host, "/usr/sbin/conntrack")
@@ -52,6 +54,22 @@ fn container_ip(rig: &Rig, i: usize) -> String {
 /// Host ports nothing maps or listens on in these tests (above the rig's dynamic range).
 const UNRELATED: std::ops::Range<u16> = 41_000..61_000;
 
+/// A socket of the host itself on UDP `port` that answers `reply` to the first datagram and then
+/// closes (so a later setup may claim the port).
+fn host_answers_once(rig: &Rig, port: u16, reply: &'static str) -> thread::JoinHandle<bool> {
+    let s = in_ns(&rig.host, move || {
+        UdpSocket::bind(("0.0.0.0", port)).expect("bind udp on the host")
+    });
+    thread::spawn(move || {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut buf = [0u8; 1500];
+        match s.recv_from(&mut buf) {
+            Ok((_, from)) => s.send_to(reply.as_bytes(), from).is_ok(),
+            Err(_) => false,
+        }
+    })
+}
+
 /// Unreplied, un-NATed UDP entries to the rig's host address: the knocks, plus any early try.
 const TO_HOST: [&str; 6] = [
     "-p",
@@ -64,7 +82,7 @@ const TO_HOST: [&str; 6] = [
 
 #[test]
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
-fn udp_flushes_remove_exactly_the_stale_entries_among_20000_unrelated_ones() {
+fn udp_mappings_have_their_own_zone_so_stale_entries_catch_nothing_and_none_is_flushed() {
     let mut rig = Rig::new(CFG);
     let a = rig.container();
     let b = rig.container();
@@ -77,7 +95,7 @@ fn udp_flushes_remove_exactly_the_stale_entries_among_20000_unrelated_ones() {
     // A client through the mapping: an entry DNATed to a.
     let client = udp_client(&rig.client, 6666);
     assert_eq!(udp_ask(&client, HOST_IP, 15353).unwrap(), "old");
-    // b's own traffic to a remote's port 15353, masqueraded: shares the number, must stay.
+    // b's own traffic to a remote's port 15353, masqueraded: shares the number, not the zone.
     udp_server(&rig.client, 15353, "remote");
     let from_b = udp_client(&rig.containers[b].ns, 7777);
     assert_eq!(
@@ -90,10 +108,11 @@ fn udp_flushes_remove_exactly_the_stale_entries_among_20000_unrelated_ones() {
     let hairpin = udp_client(&rig.containers[b].ns, 7778);
     assert_eq!(udp_ask(&hairpin, HOST_IP, 15353).unwrap(), "old", "hairpin");
     let local = udp_client(&rig.host, 7779);
+    let loopback = "127.0.0.1".parse().unwrap();
     assert_eq!(
-        udp_ask(&local, "127.0.0.1".parse().unwrap(), 15353).unwrap(),
+        udp_ask(&local, loopback, 15353).unwrap(),
         "old",
-        "via 127.0.0.1"
+        "127.0.0.1"
     );
     knock(&rig, UNRELATED);
     let egress_b = [
@@ -106,23 +125,30 @@ fn udp_flushes_remove_exactly_the_stale_entries_among_20000_unrelated_ones() {
         "--orig-port-dst",
         "15353",
     ];
-    assert_eq!(entries(&rig, &["-p", "udp", "--reply-src", &ip_a]), 3);
+    // The three ways in are tracked in a's zone (the first given: 1), b's egress in the
+    // host's default zone.
+    let to_a = ["-p", "udp", "--reply-src", &ip_a];
+    assert_eq!(entries(&rig, &to_a), 3);
+    let in_zone_1 = ["-p", "udp", "--reply-src", &ip_a, "--orig-zone", "1"];
+    assert_eq!(entries(&rig, &in_zone_1), 3);
     assert_eq!(entries(&rig, &egress_b), 1);
     assert_eq!(entries(&rig, &TO_HOST), UNRELATED.len());
 
-    // Teardown: what was DNATed to a goes, nothing else.
+    // Teardown flushes nothing; a's entries stay until they time out, and catch nothing: the
+    // same client socket now reaches the host itself, which listens on 15353.
     must_succeed(&rig.poststop(a), "poststop a");
     rig.containers[a].destroy();
-    assert_eq!(entries(&rig, &["-p", "udp", "--reply-src", &ip_a]), 0);
-    assert_eq!(
-        entries(&rig, &egress_b),
-        1,
-        "b's egress survives a's teardown"
-    );
+    assert_eq!(entries(&rig, &to_a), 3, "nothing flushed");
+    assert_eq!(entries(&rig, &egress_b), 1, "b's egress untouched");
     assert_eq!(entries(&rig, &TO_HOST), UNRELATED.len());
-
-    // While nothing maps 15353, the same client socket makes an entry to the host itself.
-    client.send_to(b"ping", (HOST_IP, 15353)).unwrap();
+    let host = host_answers_once(&rig, 15353, "host");
+    assert_eq!(
+        udp_ask(&client, HOST_IP, 15353).unwrap(),
+        "host",
+        "a's entry still caught the client's datagrams"
+    );
+    assert!(host.join().unwrap());
+    // That made an entry to the host itself, in the default zone.
     let to_host = [
         "-p",
         "udp",
@@ -132,19 +158,30 @@ fn udp_flushes_remove_exactly_the_stale_entries_among_20000_unrelated_ones() {
         "6666",
         "--orig-port-dst",
         "15353",
+        "--reply-src",
+        "192.168.77.1",
     ];
     assert_eq!(entries(&rig, &to_host), 1);
-    assert_eq!(entries(&rig, &TO_HOST), UNRELATED.len() + 1);
 
-    // Setup of a replacement: that entry goes, the rest stays, and the same 5-tuple now
-    // reaches the new container.
+    // A replacement gets the next zone: the entry to the host stays and catches nothing, and
+    // the same 5-tuples (client, hairpin, 127.0.0.1) reach the new container.
     let c = rig.container();
     must_succeed(&rig.setup(c, map), "setup c");
     udp_server(&rig.containers[c].ns, 53, "new");
-    assert_eq!(entries(&rig, &to_host), 0, "stale entry to the host");
-    assert_eq!(entries(&rig, &egress_b), 1, "b's egress survives c's setup");
-    assert_eq!(entries(&rig, &TO_HOST), UNRELATED.len());
     assert_eq!(udp_ask(&client, HOST_IP, 15353).unwrap(), "new");
+    assert_eq!(udp_ask(&hairpin, HOST_IP, 15353).unwrap(), "new", "hairpin");
+    assert_eq!(
+        udp_ask(&local, loopback, 15353).unwrap(),
+        "new",
+        "127.0.0.1"
+    );
+    assert_eq!(entries(&rig, &to_host), 1, "nothing flushed");
+    let ip_c = container_ip(&rig, c);
+    let in_zone_2 = ["-p", "udp", "--reply-src", &ip_c, "--orig-zone", "2"];
+    assert_eq!(entries(&rig, &in_zone_2), 3);
+    assert_eq!(entries(&rig, &egress_b), 1, "b's egress untouched");
+    assert_eq!(entries(&rig, &TO_HOST), UNRELATED.len() + 1);
+    assert_eq!(udp_ask(&from_b, CLIENT_IP, 15353).unwrap(), "remote");
 }
 
 #[test]
@@ -178,7 +215,8 @@ fn a_1000_port_udp_range_sets_up_and_tears_down_with_20000_unrelated_entries() {
     );
     let setup = t.elapsed();
     assert_eq!(rig.ports().len(), 1001);
-    assert_eq!(early(&rig, "33000") + early(&rig, "33999"), 0);
+    // The early entries stay (nothing is flushed) and catch nothing.
+    assert_eq!(early(&rig, "33000") + early(&rig, "33999"), 2);
     udp_server(&rig.containers[a].ns, 3000, "first");
     udp_server(&rig.containers[a].ns, 3999, "last");
     assert_eq!(udp_ask(&first, HOST_IP, 33000).unwrap(), "first");
@@ -189,13 +227,16 @@ fn a_1000_port_udp_range_sets_up_and_tears_down_with_20000_unrelated_entries() {
     let t = Instant::now();
     must_succeed(&rig.poststop(a), "poststop");
     let teardown = t.elapsed();
-    assert_eq!(entries(&rig, &["-p", "udp", "--reply-src", &ip_a]), 0);
     assert_eq!(
         entries(&rig, &TO_HOST),
-        UNRELATED.len(),
+        UNRELATED.len() + 2,
         "unrelated entries kept"
     );
     assert_eq!(rig.ports().len(), 1);
+    // a's entries catch nothing once it is gone: the host gets the same client's datagrams.
+    let host = host_answers_once(&rig, 33000, "host");
+    assert_eq!(udp_ask(&first, HOST_IP, 33000).unwrap(), "host");
+    assert!(host.join().unwrap());
     eprintln!(
         "1,000-port UDP range with {} unrelated entries: setup {:.1} ms, teardown {:.1} ms (whole hook)",
         UNRELATED.len(),

@@ -14,7 +14,11 @@ use common::*;
 use serde_json::Value;
 
 /// The host table exactly as netshim wrote it in nft syntax (bridge and subnet filled in).
+/// What the `zone` chains say.
+const ZONE: &str = "UDP to a mapped host port: looked up in its mapping's conntrack zone, so no entry made before the mapping catches it";
+
 fn old_host_table(br: &str, net: &str) -> String {
+    let zone = ZONE;
     format!(
         r#"table ip netshim {{
 	map ports {{
@@ -32,10 +36,34 @@ fn old_host_table(br: &str, net: &str) -> String {
 		type inet_proto . inet_service
 		flags timeout
 	}}
+	map zones {{
+		comment "UDP host port -> conntrack zone of its mapping (all host addresses)"
+		typeof udp dport : ct zone
+		flags timeout
+	}}
+	map zones_ip {{
+		comment "host address . UDP host port -> conntrack zone of its mapping (one host address)"
+		typeof ip daddr . udp dport : ct zone
+		flags timeout
+	}}
 	chain guard {{
 		comment "drop packets for a mapped port sent to 127.0.0.0/8 from outside the host"
 		type filter hook prerouting priority raw; policy accept;
 		iifname != "lo" ip daddr 127.0.0.0/8 meta l4proto . th dport @mapped counter drop
+	}}
+	chain zone {{
+		comment "{zone}"
+		type filter hook prerouting priority raw; policy accept;
+		fib daddr type local meta l4proto udp jump udp_zone
+	}}
+	chain zone_out {{
+		comment "{zone}"
+		type filter hook output priority raw; policy accept;
+		fib daddr type local meta l4proto udp jump udp_zone
+	}}
+	chain udp_zone {{
+		ct original zone set ip daddr . udp dport map @zones_ip
+		ct original zone set udp dport map @zones
 	}}
 	chain prerouting {{
 		type nat hook prerouting priority dstnat; policy accept;
@@ -67,7 +95,8 @@ fn old_host_table(br: &str, net: &str) -> String {
 }
 
 /// The old `add element` lines for one mapping (as `ports list --json` reports it).
-fn old_elements(p: &Value) -> String {
+/// The elements of mapping `p`; a UDP one's zone is `zone`.
+fn old_elements(p: &Value, zone: u16) -> String {
     let (proto, host, cport) = (
         p["protocol"].as_str().unwrap(),
         p["hostPort"].as_u64().unwrap(),
@@ -82,7 +111,14 @@ fn old_elements(p: &Value) -> String {
             "add element ip netshim ports_ip {{ {bind} . {proto} . {host} : {ip} . {cport} }}\n"
         )
     };
-    element + &format!("add element ip netshim mapped {{ {proto} . {host} }}\n")
+    let zone = match (proto, bind) {
+        ("udp", "0.0.0.0") => format!("add element ip netshim zones {{ {host} : {zone} }}\n"),
+        ("udp", _) => {
+            format!("add element ip netshim zones_ip {{ {bind} . {host} : {zone} }}\n")
+        }
+        _ => String::new(),
+    };
+    element + &zone + &format!("add element ip netshim mapped {{ {proto} . {host} }}\n")
 }
 
 /// Loads nft text into netns `ns`.
@@ -176,8 +212,15 @@ fn tables_match_the_nft_text_they_replace() {
     let mut text = old_host_table("netshim0", "10.213.0.0/16");
     let ports = rig.ports();
     assert_eq!(ports.len(), 6, "{ports:?}");
+    // Zones go round from 1: a's UDP mappings share the first, b's the second.
+    let ida = rig.containers[a].id.clone();
     for p in &ports {
-        text += &old_elements(p);
+        let zone = if p["containerId"] == ida.as_str() {
+            1
+        } else {
+            2
+        };
+        text += &old_elements(p, zone);
     }
     nft_load(&text_ns, &text);
     let ours = listed(&rig.host, "ip", "netshim");

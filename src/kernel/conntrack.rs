@@ -3,6 +3,10 @@
 //! measured and set aside: docs/decisions.md), one request per setup or teardown whatever the
 //! number of ports.
 //!
+//! UDP mappings now get a conntrack zone of their own (`firewall::zones_map`), which needs no
+//! flush; this serves the teardown of a record made before zones, whose entries are in the
+//! host's default zone.
+//!
 //! - Setup ([`Stale::HostPorts`]): entries whose original destination is one of the new host
 //!   ports and that are not source-NATed: to the host itself (a client that tried before the
 //!   mapping existed) or DNATed from outside to an earlier container. The containers' own

@@ -193,6 +193,8 @@ pub struct Set {
     /// them without a deletion ([`Op::RetireElements`]). Elements added without one never
     /// expire.
     pub timeout: bool,
+    /// Declared with nft's `typeof` (how `nft list` prints it); `None`: with `type`.
+    pub typeof_: Option<Typeof>,
 }
 
 /// A rule, appended at the end of its chain.
@@ -220,7 +222,7 @@ impl std::fmt::Display for Element {
                     Field::Proto(IPPROTO_TCP) => "tcp".into(),
                     Field::Proto(IPPROTO_UDP) => "udp".into(),
                     Field::Proto(p) => p.to_string(),
-                    Field::Port(p) => p.to_string(),
+                    Field::Port(p) | Field::Zone(p) => p.to_string(),
                 })
                 .collect::<Vec<_>>()
                 .join(" . ")
@@ -442,8 +444,12 @@ impl Encoder {
                     a.push(SetAttribute::DataLen(dl));
                 }
                 a.push(SetAttribute::Id(id));
+                let mut user = s.typeof_.as_ref().map(Typeof::udata).unwrap_or_default();
                 if let Some(cm) = &s.comment {
-                    a.push(SetAttribute::UserData(udata(UDATA_SET_COMMENT, cm)?));
+                    user.extend(udata(UDATA_SET_COMMENT, cm)?);
+                }
+                if !user.is_empty() {
+                    a.push(SetAttribute::UserData(user));
                 }
                 let m = NfTablesMessage::NewSet(SetMessage { attributes: a });
                 self.nft(t.family, m, NLM_F_CREATE, what);
@@ -1216,6 +1222,7 @@ mod tests {
             data: Some(vec![DataType::Ipv4Addr, DataType::InetService]),
             comment: None,
             timeout: true,
+            typeof_: None,
         }
     }
 

@@ -107,6 +107,7 @@ pub fn sample_state() -> State {
             host_ip: None,
             name: None,
             dynamic: port == 49153,
+            ct_zone: None,
         }];
         st.containers.insert(id.into(), r);
     }

@@ -110,6 +110,7 @@ pub(crate) mod testdata {
             host_ip: None,
             name: name.map(String::from),
             dynamic: hport >= 49153,
+            ct_zone: None,
         }
     }
 

@@ -120,7 +120,15 @@ pub fn plan(
     check_host_ips(k, req)?;
     let host_reserved = host_reserved(k, req)?;
     let policy = port_policy(cfg, &host_reserved);
-    let ports = alloc::allocate_ports(state, id, &req.mappings, &policy, probe)?;
+    let mut ports = alloc::allocate_ports(state, id, &req.mappings, &policy, probe)?;
+    if ports.iter().any(|p| p.protocol == Protocol::Udp) {
+        // Its own conntrack zone: entries made before the mapping (to the host, or to an
+        // earlier holder of the port) are in another one and catch none of its datagrams.
+        let zone = alloc::allocate_zone(state);
+        for p in ports.iter_mut().filter(|p| p.protocol == Protocol::Udp) {
+            p.ct_zone = Some(zone);
+        }
+    }
     let ip = alloc::allocate_ip(state, cfg.subnet)?;
     let veth = veth_name(id, state);
     Ok(ModeFields {
@@ -362,7 +370,7 @@ fn apply_steps(
                 .context("reserve the dynamic host ports (net.ipv4.ip_local_reserved_ports)")?;
             undo.push(Undo::Unreserve(dynamic));
         }
-        let udp = udp_host_ports(ports);
+        let udp = unzoned_udp_ports(ports);
         if !udp.is_empty() {
             k.flush_udp(Stale::HostPorts(&udp))
                 .context("flush stale UDP conntrack entries for the host ports")?;
@@ -450,10 +458,13 @@ pub fn repair_firewall(
 }
 
 /// The UDP host ports among `ports`, for one conntrack flush.
-fn udp_host_ports(ports: &[PortRecord]) -> Vec<HostPort> {
+/// The UDP host ports whose stale conntrack entries must be flushed: those without a zone of
+/// their own (records made before zones). A mapping with a zone needs no flush: entries made
+/// before it are in another zone, and its own stop matching when its zone element goes.
+fn unzoned_udp_ports(ports: &[PortRecord]) -> Vec<HostPort> {
     ports
         .iter()
-        .filter(|p| p.protocol == Protocol::Udp)
+        .filter(|p| p.protocol == Protocol::Udp && p.ct_zone.is_none())
         .map(|p| HostPort {
             addr: p.host_ip,
             port: p.host_port,
@@ -518,8 +529,9 @@ pub fn teardown(
         {
             errs.push("unreserve host ports of", &rec.id, e);
         }
-        // Everything DNATed to this container goes, all ports in one request.
-        let udp = udp_host_ports(&rec.ports);
+        // A record from before zones: everything DNATed to this container goes, all ports in
+        // one request.
+        let udp = unzoned_udp_ports(&rec.ports);
         let stale = rec.ip.map_or(Stale::HostPorts(&udp), Stale::RepliesFrom);
         if !udp.is_empty()
             && let Err(e) = k.flush_udp(stale)
@@ -594,8 +606,9 @@ mod tests {
         r.unwrap();
         let veth = p.veth.clone().unwrap();
         assert!(k.host_link(&veth).is_some());
-        assert_eq!(k.elements().len(), 4, "{:?}", k.elements());
-        assert!(k.calls.contains(&"flush_udp".to_string()));
+        // TCP and UDP: map and guard set each, and the UDP mapping's zone.
+        assert_eq!(k.elements().len(), 5, "{:?}", k.elements());
+        assert!(!k.calls.contains(&"flush_udp".to_string()));
         let rec = record("a", &p);
         st.containers.insert("a".into(), rec.clone());
         let mut errs = ReleaseErrors::default();
@@ -636,12 +649,12 @@ mod tests {
             teardown(&mut k, &st, &rec, &mut errs);
             assert!(errs.is_empty(), "{errs}");
             assert!(k.elements().is_empty(), "{:?}", k.elements());
-            // Deleted one transaction per element (TCP and UDP: map and guard set each), or
-            // retired in one, one operation per set.
+            // Deleted one transaction per element (TCP and UDP: map and guard set each, and
+            // the UDP zone), or retired in one, one operation per set.
             let want: &[&str] = if old_kernel {
-                &["delete"; 4]
+                &["delete"; 5]
             } else {
-                &["retire", "retire"]
+                &["retire", "retire", "retire"]
             };
             assert_eq!(
                 element_ops(&k, from),
@@ -666,7 +679,7 @@ mod tests {
         teardown(&mut k, &st, &rec, &mut errs);
         assert!(errs.is_empty(), "{errs}");
         assert!(k.elements().is_empty(), "{:?}", k.elements());
-        assert_eq!(element_ops(&k, from), ["delete"; 4]);
+        assert_eq!(element_ops(&k, from), ["delete"; 5]);
     }
 
     #[test]
@@ -697,56 +710,80 @@ mod tests {
     }
 
     #[test]
-    fn one_conntrack_flush_per_setup_and_per_teardown_whatever_the_udp_ports() {
+    fn udp_mappings_get_one_zone_a_container_and_no_conntrack_flush() {
         let (mut st, mut k) = (State::default(), Fake::new());
         let maps = r#"[{"containerPort":80},{"containerPortRange":"5000-5009","protocol":"udp"},{"containerPort":53,"hostPort":15353,"protocol":"udp"}]"#;
         let (p, r) = setup(&mut k, &mut st, "a", maps);
         r.unwrap();
-        assert_eq!(k.flushes.len(), 1, "{:?}", k.flushes);
-        let udp: Vec<u16> = p
-            .ports
-            .iter()
-            .filter(|x| x.protocol == Protocol::Udp)
-            .map(|x| x.host_port)
-            .collect();
-        assert_eq!(udp.len(), 11);
-        for port in &udp {
-            assert!(k.flushes[0].contains(&format!("port: {port} ")), "{port}");
+        assert!(k.flushes.is_empty(), "{:?}", k.flushes);
+        let zones: Vec<Option<u16>> = p.ports.iter().map(|x| x.ct_zone).collect();
+        let mut want = vec![Some(1); 12];
+        want[0] = None; // TCP
+        assert_eq!(zones, want);
+        let zoned = k.elements();
+        let zoned: Vec<&String> = zoned.iter().filter(|e| e.starts_with("zones ")).collect();
+        assert_eq!(zoned.len(), 11, "{zoned:?}");
+        assert!(
+            zoned.iter().any(|e| *e == "zones { 15353 : 1 }"),
+            "{zoned:?}"
+        );
+        // The next container gets the next zone; a TCP-only one none.
+        let (q, r) = setup(
+            &mut k,
+            &mut st,
+            "b",
+            r#"[{"containerPort":53,"protocol":"udp"}]"#,
+        );
+        r.unwrap();
+        assert_eq!(q.ports[0].ct_zone, Some(2));
+        let (t, r) = setup(&mut k, &mut st, "c", r#"[{"containerPort":80}]"#);
+        r.unwrap();
+        assert_eq!(t.ports[0].ct_zone, None);
+        assert_eq!(st.cursors.zone, Some(2));
+        let mut errs = ReleaseErrors::default();
+        for (id, f) in [("a", &p), ("b", &q), ("c", &t)] {
+            let rec = record(id, f);
+            st.containers.insert(id.into(), rec.clone());
+            teardown(&mut k, &st, &rec, &mut errs);
+            st.containers.remove(id);
         }
-        let tcp = p
-            .ports
-            .iter()
-            .find(|x| x.protocol == Protocol::Tcp)
-            .unwrap();
-        assert!(!k.flushes[0].contains(&format!("port: {} ", tcp.host_port)));
-        let rec = record("a", &p);
+        assert!(errs.is_empty(), "{errs}");
+        assert!(k.flushes.is_empty(), "{:?}", k.flushes);
+        assert!(k.elements().is_empty(), "{:?}", k.elements());
+    }
+
+    #[test]
+    fn a_record_from_before_zones_is_flushed_at_teardown_all_ports_at_once() {
+        let (mut st, mut k) = (State::default(), Fake::new());
+        let maps = r#"[{"containerPort":80},{"containerPortRange":"5000-5009","protocol":"udp"}]"#;
+        let (p, r) = setup(&mut k, &mut st, "a", maps);
+        r.unwrap();
+        let mut rec = record("a", &p);
+        // As an older netshim stored it (and a rebuilt table holds it): no zones.
+        for x in &mut rec.ports {
+            x.ct_zone = None;
+        }
+        let (cfg, table) = (cfg(), firewall::table_name(firewall::DEFAULT_BRIDGE));
+        let layout = Layout {
+            table: &table,
+            bridge: &cfg.bridge_name,
+            subnet: cfg.subnet,
+        };
+        k.nft(&layout.rebuild([&rec]).unwrap()).unwrap();
         st.containers.insert("a".into(), rec.clone());
         let mut errs = ReleaseErrors::default();
         teardown(&mut k, &st, &rec, &mut errs);
         assert!(errs.is_empty(), "{errs}");
-        assert_eq!(k.flushes.len(), 2);
         assert_eq!(
-            k.flushes[1],
-            format!("{:?}", Stale::RepliesFrom(p.ip.unwrap()))
+            k.flushes,
+            [format!("{:?}", Stale::RepliesFrom(p.ip.unwrap()))]
         );
-        // TCP only: no flush at all.
-        let (p2, r) = setup(&mut k, &mut st, "b", r#"[{"containerPort":80}]"#);
-        r.unwrap();
-        teardown(&mut k, &st, &record("b", &p2), &mut errs);
-        assert!(errs.is_empty(), "{errs}");
-        assert_eq!(k.flushes.len(), 2);
+        assert!(k.elements().is_empty(), "{:?}", k.elements());
     }
 
     #[test]
     fn every_failing_step_rolls_back_completely() {
-        for step in [
-            "create_bridge",
-            "sysctls",
-            "add_veth",
-            "configure",
-            "nft",
-            "flush_udp",
-        ] {
+        for step in ["create_bridge", "sysctls", "add_veth", "configure", "nft"] {
             let (mut st, mut k) = (State::default(), Fake::new());
             k.fail_at = Some(step);
             let (_, r) = setup(&mut k, &mut st, "a", TCP_UDP);
@@ -860,9 +897,9 @@ mod tests {
         );
         r.unwrap();
         st.containers.insert("a".into(), record("a", &p));
-        assert_eq!(k.elements().len(), 4);
+        assert_eq!(k.elements().len(), 5);
         let fixed = repair_firewall(&mut k, &cfg, &st.records()).unwrap();
-        assert_eq!(fixed.len(), 2, "{fixed:?}");
+        assert_eq!(fixed.len(), 3, "{fixed:?}");
         assert!(fixed.iter().all(|f| f.starts_with("deleted stray element")));
         assert_eq!(k.elements().len(), 2, "{:?}", k.elements());
         assert!(

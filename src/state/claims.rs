@@ -362,6 +362,7 @@ mod tests {
             host_ip: None,
             name: None,
             dynamic: true,
+            ct_zone: None,
         }];
         let mut t = ContainerRecord::new("t", NetworkMode::Awsvpc);
         t.eni = Some(EniRecord {

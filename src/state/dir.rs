@@ -688,6 +688,7 @@ mod tests {
             host_ip: None,
             name: None,
             dynamic: true,
+            ct_zone: None,
         }];
         r
     }

@@ -71,6 +71,9 @@ pub struct Cursors {
     pub ip: Option<Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// The conntrack zone given last (bridge containers with UDP mappings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<u16>,
 }
 
 /// Where a claims-backed [`State`] reads.
@@ -300,6 +303,7 @@ mod tests {
             host_ip: ip,
             name: None,
             dynamic: true,
+            ct_zone: None,
         }];
         r
     }

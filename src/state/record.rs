@@ -23,6 +23,11 @@ pub struct PortRecord {
     pub name: Option<String>,
     /// Picked by netshim (true) or asked for (false).
     pub dynamic: bool,
+    /// UDP, bridge: the conntrack zone its traffic is tracked in (the container's, one for all
+    /// its UDP mappings), so that no entry made before the mapping catches its datagrams.
+    /// `None`: TCP, other modes, or a record made before zones (its setup flushed instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ct_zone: Option<u16>,
 }
 
 /// Everything netshim did for one container: enough to undo it with no pid and no netns.

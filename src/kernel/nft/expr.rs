@@ -54,6 +54,9 @@ pub enum DataType {
     Ipv4Addr,
     InetProto,
     InetService,
+    /// `ct zone`: a 16-bit integer in host byte order (nft's `integer` type; a set with it
+    /// says so in its [`Typeof`]).
+    CtZone,
 }
 
 impl DataType {
@@ -62,6 +65,7 @@ impl DataType {
             DataType::Ipv4Addr => 7,
             DataType::InetProto => 12,
             DataType::InetService => 13,
+            DataType::CtZone => 4,
         }
     }
     fn len(self) -> usize {
@@ -69,6 +73,7 @@ impl DataType {
             DataType::Ipv4Addr => 4,
             DataType::InetProto => 1,
             DataType::InetService => 2,
+            DataType::CtZone => 2,
         }
     }
 }
@@ -93,6 +98,8 @@ pub enum Field {
     Ipv4(Ipv4Addr),
     Proto(u8),
     Port(u16),
+    /// A conntrack zone (host byte order).
+    Zone(u16),
 }
 
 impl Field {
@@ -101,6 +108,7 @@ impl Field {
             Field::Ipv4(a) => a.octets().to_vec(),
             Field::Proto(p) => vec![p],
             Field::Port(p) => p.to_be_bytes().to_vec(),
+            Field::Zone(z) => z.to_ne_bytes().to_vec(),
         }
     }
 }
@@ -130,6 +138,7 @@ pub fn decode_fields(types: &[DataType], bytes: &[u8]) -> Option<Vec<Field>> {
             DataType::Ipv4Addr => Field::Ipv4(Ipv4Addr::new(b[0], b[1], b[2], b[3])),
             DataType::InetProto => Field::Proto(b[0]),
             DataType::InetService => Field::Port(u16::from_be_bytes([b[0], b[1]])),
+            DataType::CtZone => Field::Zone(u16::from_ne_bytes([b[0], b[1]])),
         });
         off += if concat {
             t.len().div_ceil(4) * 4
@@ -186,6 +195,10 @@ pub enum Expr {
     },
     /// `[ ct load KEY => reg ]`
     Ct { key: CtKey, dreg: Register },
+    /// `[ ct set zone with reg , dir original ]`: a packet without a conntrack entry yet is
+    /// looked up (and its entry created) in that zone, original direction only, so its replies
+    /// match as ever (`ct original zone set`; needs a chain before conntrack, priority raw).
+    CtSetOriginalZone { sreg: Register },
     /// `[ fib daddr type => reg ]`
     FibDaddrType { dreg: Register },
     /// `[ nat dnat ip addr_min reg proto_min reg ]`
@@ -201,6 +214,10 @@ pub enum Expr {
 // Attribute numbers of the expressions the crate does not have (nf_tables.h).
 const NFTA_CT_DREG: u16 = 1;
 const NFTA_CT_KEY: u16 = 2;
+const NFTA_CT_DIRECTION: u16 = 3;
+const NFTA_CT_SREG: u16 = 4;
+const NFT_CT_ZONE: u32 = 17;
+const IP_CT_DIR_ORIGINAL: u8 = 0;
 const NFTA_FIB_DREG: u16 = 1;
 const NFTA_FIB_RESULT: u16 = 2;
 const NFTA_FIB_FLAGS: u16 = 3;
@@ -284,6 +301,14 @@ impl Expr {
                     be32(NFTA_CT_DREG, reg(*dreg)),
                 ],
             ),
+            Expr::CtSetOriginalZone { sreg } => other(
+                "ct",
+                vec![
+                    be32(NFTA_CT_KEY, NFT_CT_ZONE),
+                    DefaultNla::new(NFTA_CT_DIRECTION, vec![IP_CT_DIR_ORIGINAL]),
+                    be32(NFTA_CT_SREG, reg(*sreg)),
+                ],
+            ),
             Expr::FibDaddrType { dreg } => other(
                 "fib",
                 vec![
@@ -334,6 +359,138 @@ pub(super) fn udata(kind: u8, text: &str) -> Result<Vec<u8>, NftError> {
     out.extend_from_slice(text.as_bytes());
     out.push(0);
     Ok(out)
+}
+
+/// What a set's key or data was declared from in nft's `typeof` syntax. The kernel ignores it
+/// (it is userdata); `nft list` reads it to print the set as `typeof udp dport : ct zone` and its
+/// elements in the right byte order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TypeofExpr {
+    /// `ip daddr`
+    IpDaddr,
+    /// `udp dport`
+    UdpDport,
+    /// `ct zone`
+    CtZone,
+}
+
+/// A set declared with `typeof KEY : DATA` (a concatenated key when `key` has several parts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Typeof {
+    pub key: Vec<TypeofExpr>,
+    pub data: TypeofExpr,
+}
+
+// libnftnl's set userdata types (`enum nftnl_udata_set_types`) and nft's typeof records
+// (`enum nftnl_udata_set_typeof_types`, expression types and their own attributes).
+const UDATA_SET_KEYBYTEORDER: u8 = 0;
+const UDATA_SET_DATABYTEORDER: u8 = 1;
+const UDATA_SET_KEY_TYPEOF: u8 = 3;
+const UDATA_SET_DATA_TYPEOF: u8 = 4;
+const UDATA_SET_DATA_INTERVAL: u8 = 6;
+const UDATA_TYPEOF_EXPR: u8 = 0;
+const UDATA_TYPEOF_DATA: u8 = 1;
+const EXPR_PAYLOAD: u32 = 7;
+const EXPR_CT: u32 = 12;
+const EXPR_CONCAT: u32 = 13;
+const BYTEORDER_HOST: u32 = 1;
+const BYTEORDER_BIG: u32 = 2;
+// nft's protocol descriptions and header fields (`enum proto_desc_id`, `enum ip_hdr_fields`,
+// `enum udp_hdr_fields`).
+const PROTO_DESC_UDP: u32 = 6;
+const PROTO_DESC_IP: u32 = 12;
+const IPHDR_DADDR: u32 = 12;
+const UDPHDR_DPORT: u32 = 2;
+// A payload's typeof record: description, field; ct's: key, direction (-1: none).
+const UDATA_PAYLOAD_DESC: u8 = 0;
+const UDATA_PAYLOAD_TYPE: u8 = 1;
+const UDATA_CT_KEY: u8 = 0;
+const UDATA_CT_DIR: u8 = 1;
+
+fn tlv(kind: u8, value: &[u8]) -> Vec<u8> {
+    // Every record here is a few words long; nothing near the 255-byte limit of a record.
+    let mut out = vec![kind, value.len() as u8];
+    out.extend_from_slice(value);
+    out
+}
+
+fn tlv32(kind: u8, v: u32) -> Vec<u8> {
+    tlv(kind, &v.to_ne_bytes())
+}
+
+impl TypeofExpr {
+    fn record(self) -> Vec<u8> {
+        let (expr, data) = match self {
+            TypeofExpr::IpDaddr => (
+                EXPR_PAYLOAD,
+                [
+                    tlv32(UDATA_PAYLOAD_DESC, PROTO_DESC_IP),
+                    tlv32(UDATA_PAYLOAD_TYPE, IPHDR_DADDR),
+                ]
+                .concat(),
+            ),
+            TypeofExpr::UdpDport => (
+                EXPR_PAYLOAD,
+                [
+                    tlv32(UDATA_PAYLOAD_DESC, PROTO_DESC_UDP),
+                    tlv32(UDATA_PAYLOAD_TYPE, UDPHDR_DPORT),
+                ]
+                .concat(),
+            ),
+            TypeofExpr::CtZone => (
+                EXPR_CT,
+                [
+                    tlv32(UDATA_CT_KEY, NFT_CT_ZONE),
+                    tlv32(UDATA_CT_DIR, u32::MAX),
+                ]
+                .concat(),
+            ),
+        };
+        [
+            tlv32(UDATA_TYPEOF_EXPR, expr),
+            tlv(UDATA_TYPEOF_DATA, &data),
+        ]
+        .concat()
+    }
+
+    fn byteorder(self) -> u32 {
+        match self {
+            TypeofExpr::IpDaddr | TypeofExpr::UdpDport => BYTEORDER_BIG,
+            TypeofExpr::CtZone => BYTEORDER_HOST,
+        }
+    }
+}
+
+impl Typeof {
+    /// The set userdata nft writes for this declaration (checked byte for byte against nft).
+    pub(super) fn udata(&self) -> Vec<u8> {
+        let (key_order, key) = match self.key.as_slice() {
+            [one] => (one.byteorder(), one.record()),
+            parts => {
+                let members: Vec<u8> = parts
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, p)| tlv(i as u8, &p.record()))
+                    .collect();
+                (
+                    0,
+                    [
+                        tlv32(UDATA_TYPEOF_EXPR, EXPR_CONCAT),
+                        tlv(UDATA_TYPEOF_DATA, &members),
+                    ]
+                    .concat(),
+                )
+            }
+        };
+        [
+            tlv32(UDATA_SET_KEYBYTEORDER, key_order),
+            tlv32(UDATA_SET_DATABYTEORDER, self.data.byteorder()),
+            tlv(UDATA_SET_KEY_TYPEOF, &key),
+            tlv(UDATA_SET_DATA_TYPEOF, &self.data.record()),
+            tlv32(UDATA_SET_DATA_INTERVAL, 0),
+        ]
+        .concat()
+    }
 }
 
 // ---- Statements, compiled as nft compiles them ------------------------------------------------
@@ -582,6 +739,47 @@ mod tests {
             (0x1cd, 8)
         );
         assert_eq!(type_of(&[DataType::InetProto]), (12, 1));
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        s.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn typeof_userdata_is_what_nft_writes() {
+        // nft --debug=mnl for `map zones { typeof udp dport : ct zone; }`, x86_64.
+        let zones = Typeof {
+            key: vec![TypeofExpr::UdpDport],
+            data: TypeofExpr::CtZone,
+        };
+        assert_eq!(
+            zones.udata(),
+            hex("00 04 02 00 00 00  01 04 01 00 00 00
+                 03 14 00 04 07 00 00 00 01 0c 00 04 06 00 00 00 01 04 02 00 00 00
+                 04 14 00 04 0c 00 00 00 01 0c 00 04 11 00 00 00 01 04 ff ff ff ff
+                 06 04 00 00 00 00")
+        );
+        // ... and for `typeof ip daddr . udp dport : ct zone`.
+        let zones_ip = Typeof {
+            key: vec![TypeofExpr::IpDaddr, TypeofExpr::UdpDport],
+            data: TypeofExpr::CtZone,
+        };
+        assert_eq!(
+            zones_ip.udata(),
+            hex("00 04 00 00 00 00  01 04 01 00 00 00
+                 03 34 00 04 0d 00 00 00 01 2c
+                   00 14 00 04 07 00 00 00 01 0c 00 04 0c 00 00 00 01 04 0c 00 00 00
+                   01 14 00 04 07 00 00 00 01 0c 00 04 06 00 00 00 01 04 02 00 00 00
+                 04 14 00 04 0c 00 00 00 01 0c 00 04 11 00 00 00 01 04 ff ff ff ff
+                 06 04 00 00 00 00")
+        );
+        assert_eq!(type_of(&[DataType::CtZone]), (4, 2));
+        assert_eq!(
+            decode_fields(&[DataType::CtZone], &encode_fields(&[Field::Zone(65535)])),
+            Some(vec![Field::Zone(65535)])
+        );
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub fn ports(mappings: &[PortMapping]) -> Vec<PortRecord> {
                 host_ip: None,
                 name: m.name.clone(),
                 dynamic: false,
+                ct_zone: None,
             });
         }
     }
