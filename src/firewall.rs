@@ -215,12 +215,7 @@ impl Layout<'_> {
             chain(
                 "guard",
                 Some((ChainType::Filter, HookPoint::Prerouting, PRIO_RAW)),
-                Some("drop packets for a mapped port sent to 127.0.0.0/8 from outside the host"),
-            ),
-            chain(
-                "zone",
-                Some((ChainType::Filter, HookPoint::Prerouting, PRIO_RAW)),
-                Some(ZONE_COMMENT),
+                Some(GUARD_COMMENT),
             ),
             chain(
                 "zone_out",
@@ -258,9 +253,11 @@ impl Layout<'_> {
         let out = |op| ifname(Iface::Out, op, br);
         let jump = || verdict(Verdict::Jump("dnat_ports".into()));
         let to_zone = || {
+            // Every packet passes here, not only a flow's first: the protocol first, then the
+            // route lookup, so TCP pays one compare.
             vec![
-                fib_daddr_local(),
                 l4proto(IPPROTO_UDP),
+                fib_daddr_local(),
                 verdict(Verdict::Jump("udp_zone".into())),
             ]
         };
@@ -283,7 +280,8 @@ impl Layout<'_> {
                 ],
                 None,
             ),
-            rule("zone", to_zone(), None),
+            // The guard's chain (same hook and priority): one base chain less for every packet.
+            rule("guard", to_zone(), None),
             rule("zone_out", to_zone(), None),
             rule(
                 "udp_zone",
@@ -498,7 +496,9 @@ impl Layout<'_> {
     }
 }
 
-/// What the `zone` chains say: why UDP to a mapped host port gets a zone.
+/// What the `guard` chain does, before conntrack.
+const GUARD_COMMENT: &str = "drop packets for a mapped port sent to 127.0.0.0/8 from outside the host; UDP to a mapped port: its conntrack zone";
+/// What `zone_out` does: why UDP to a mapped host port gets a zone.
 const ZONE_COMMENT: &str = "UDP to a mapped host port: looked up in its mapping's conntrack zone, so no entry made before the mapping catches it";
 
 /// `ct original zone set ... map @map`, the key already in register 1.
@@ -1019,12 +1019,11 @@ mod tests {
             [
                 ("dnat_ports", 2),
                 ("forward", 3),
-                ("guard", 1),
+                ("guard", 2),
                 ("output", 1),
                 ("postrouting", 3),
                 ("prerouting", 1),
                 ("udp_zone", 2),
-                ("zone", 1),
                 ("zone_out", 1)
             ]
         );

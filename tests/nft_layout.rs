@@ -14,7 +14,7 @@ use common::*;
 use serde_json::Value;
 
 /// The host table exactly as netshim wrote it in nft syntax (bridge and subnet filled in).
-/// What the `zone` chains say.
+/// What `zone_out` says.
 const ZONE: &str = "UDP to a mapped host port: looked up in its mapping's conntrack zone, so no entry made before the mapping catches it";
 
 fn old_host_table(br: &str, net: &str) -> String {
@@ -47,19 +47,15 @@ fn old_host_table(br: &str, net: &str) -> String {
 		flags timeout
 	}}
 	chain guard {{
-		comment "drop packets for a mapped port sent to 127.0.0.0/8 from outside the host"
+		comment "drop packets for a mapped port sent to 127.0.0.0/8 from outside the host; UDP to a mapped port: its conntrack zone"
 		type filter hook prerouting priority raw; policy accept;
 		iifname != "lo" ip daddr 127.0.0.0/8 meta l4proto . th dport @mapped counter drop
-	}}
-	chain zone {{
-		comment "{zone}"
-		type filter hook prerouting priority raw; policy accept;
-		fib daddr type local meta l4proto udp jump udp_zone
+		meta l4proto udp fib daddr type local jump udp_zone
 	}}
 	chain zone_out {{
 		comment "{zone}"
 		type filter hook output priority raw; policy accept;
-		fib daddr type local meta l4proto udp jump udp_zone
+		meta l4proto udp fib daddr type local jump udp_zone
 	}}
 	chain udp_zone {{
 		ct original zone set ip daddr . udp dport map @zones_ip
