@@ -1380,7 +1380,8 @@ def report(b, levels, n, wall, host_same, left, chart_rel):
         L += ["", "## UDP (netshim)", "", f"netshim at 0 running. A UDP range of {u['range'][2]} "
               f"container ports (dynamic host ports), {rn} run{'s' * (rn > 1)}: setup "
               f"{med(u['range'][0]):.1f} ms, teardown {med(u['range'][1]):.1f} ms (p50). One "
-              "mapping, UDP against TCP (UDP needs its conntrack entries flushed), with no "
+              "mapping, UDP against TCP (a UDP mapping gets a conntrack zone of its own, where "
+              "before its stale entries were flushed), with no "
               f"conntrack entries and with {CT_ENTRIES} unrelated ones in the host netns (UDP "
               "datagrams from the client netns to closed ports), ms, p50:", "",
               "| conntrack entries | tcp setup | udp setup | udp − tcp | tcp teardown "

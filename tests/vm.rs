@@ -75,6 +75,14 @@ const SUITES: &[Suite] = &[
         before: None,
         after: None,
     },
+    // UDP mappings' conntrack zones on 6.1 (ct original zone set, Debian's modular build).
+    Suite {
+        step: "conntrack",
+        target: "conntrack",
+        args: &["--include-ignored"],
+        before: None,
+        after: None,
+    },
     Suite {
         step: "awsvpc",
         target: "awsvpc",
@@ -506,6 +514,12 @@ fn bridge_suite_passes_on_6_1() {
 #[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
 fn bridge_suite_passes_on_6_1_with_br_netfilter() {
     assert_suite_passed("bridge_br_netfilter");
+}
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn conntrack_suite_passes_on_6_1() {
+    assert_suite_passed("conntrack");
 }
 
 #[test]
