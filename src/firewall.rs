@@ -14,12 +14,12 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnetwork::{IpNetwork, Ipv4Network};
 
 use crate::kernel::nft::{
-    Addr, Base, BaseChain, Batch, CT_ESTABLISHED, CT_NEW, CT_RELATED, CT_STATUS_DNAT, Chain,
-    ChainType, CmpOp, CtKey, DataType, Element, Expr, Family, Field, HookPoint, IPPROTO_TCP,
-    IPPROTO_UDP, Iface, MetaKey, NFPROTO_IPV4, NFPROTO_IPV6, NftError, Op, PRIO_DSTNAT,
-    PRIO_FILTER, PRIO_RAW, PRIO_SRCNAT, Register, Rule, Set, TableRef, Typeof, TypeofExpr, Verdict,
-    ct_any, dport, fib_daddr_local, ifname, ip_addr, ip_daddr_in, ip6_addr, ip6_daddr, l4proto,
-    l4proto_in, nfproto,
+    Addr, BaseChain, Batch, CT_ESTABLISHED, CT_NEW, CT_RELATED, CT_STATUS_DNAT, Chain, ChainType,
+    CmpOp, CtKey, DataType, Element, Expr, Family, Field, HookPoint, IPPROTO_TCP, IPPROTO_UDP,
+    Iface, MetaKey, NFPROTO_IPV4, NFPROTO_IPV6, NftError, Op, PRIO_DSTNAT, PRIO_FILTER, PRIO_RAW,
+    PRIO_SRCNAT, Register, Rule, Set, TableRef, Typeof, TypeofExpr, Verdict, ct_any, dport,
+    fib_daddr_local, ifname, ip_addr, ip_daddr_in, ip6_addr, ip6_daddr, l4proto, l4proto_in,
+    load_ip_daddr, load_th_dport, nfproto,
 };
 use crate::request::IngressRule;
 use crate::state::{ContainerRecord, PortRecord};
@@ -173,12 +173,7 @@ fn proto_port_key(first: Register, second: Register) -> Vec<Expr> {
             key: MetaKey::L4Proto,
             dreg: first,
         },
-        Expr::Payload {
-            base: Base::Transport,
-            offset: 2,
-            len: 2,
-            dreg: second,
-        },
+        load_th_dport(second),
     ]
 }
 
@@ -288,18 +283,8 @@ impl Layout<'_> {
                 vec![
                     l4proto(IPPROTO_UDP),
                     vec![
-                        Expr::Payload {
-                            base: Base::Network,
-                            offset: 16,
-                            len: 4,
-                            dreg: Register::Reg1,
-                        },
-                        Expr::Payload {
-                            base: Base::Transport,
-                            offset: 2,
-                            len: 2,
-                            dreg: Register::Reg32_01,
-                        },
+                        load_ip_daddr(Register::Reg1),
+                        load_th_dport(Register::Reg32_01),
                     ],
                     zone_via("zones_ip"),
                 ],
@@ -309,12 +294,7 @@ impl Layout<'_> {
                 "udp_zone",
                 vec![
                     l4proto(IPPROTO_UDP),
-                    vec![Expr::Payload {
-                        base: Base::Transport,
-                        offset: 2,
-                        len: 2,
-                        dreg: Register::Reg1,
-                    }],
+                    vec![load_th_dport(Register::Reg1)],
                     zone_via("zones"),
                 ],
                 None,
@@ -340,12 +320,7 @@ impl Layout<'_> {
             rule(
                 "dnat_ports",
                 vec![
-                    vec![Expr::Payload {
-                        base: Base::Network,
-                        offset: 16,
-                        len: 4,
-                        dreg: Register::Reg1,
-                    }],
+                    vec![load_ip_daddr(Register::Reg1)],
                     proto_port_key(Register::Reg32_01, Register::Reg32_02),
                     dnat_via("ports_ip"),
                 ],

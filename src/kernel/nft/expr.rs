@@ -603,15 +603,30 @@ pub fn ip6_daddr(a: Ipv6Addr) -> Vec<Expr> {
     prefix_match(24, &a.octets(), 128)
 }
 
+/// `[ payload load 4b @ network header + 16 => dreg ]`: the IPv4 destination address.
+pub fn load_ip_daddr(dreg: Register) -> Expr {
+    Expr::Payload {
+        base: Base::Network,
+        offset: 16,
+        len: 4,
+        dreg,
+    }
+}
+
+/// `[ payload load 2b @ transport header + 2 => dreg ]`: the TCP/UDP destination port.
+pub fn load_th_dport(dreg: Register) -> Expr {
+    Expr::Payload {
+        base: Base::Transport,
+        offset: 2,
+        len: 2,
+        dreg,
+    }
+}
+
 /// `ip daddr { A, B, ... }`.
 pub fn ip_daddr_in(addrs: &[Ipv4Addr]) -> Vec<Expr> {
     vec![
-        Expr::Payload {
-            base: Base::Network,
-            offset: 16,
-            len: 4,
-            dreg: Register::Reg1,
-        },
+        load_ip_daddr(Register::Reg1),
         Expr::LookupAnon {
             key: DataType::Ipv4Addr,
             sreg: Register::Reg1,
@@ -661,12 +676,7 @@ pub fn l4proto_in(protos: &[u8]) -> Vec<Expr> {
 
 /// Destination port `start` (or `start-end`), after an [`l4proto`] match.
 pub fn dport(start: u16, end: u16) -> Vec<Expr> {
-    let mut v = vec![Expr::Payload {
-        base: Base::Transport,
-        offset: 2,
-        len: 2,
-        dreg: Register::Reg1,
-    }];
+    let mut v = vec![load_th_dport(Register::Reg1)];
     let cmp = |op, p: u16| Expr::Cmp {
         sreg: Register::Reg1,
         op,
