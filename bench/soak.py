@@ -7,7 +7,8 @@ connection and a UDP datagram from a client namespace), then what is left:
 - elements in the maps and sets of netshim's nftables table,
 - committed records, unfinished intents, port/address/link claims that still name a holder,
 - ports left in `net.ipv4.ip_local_reserved_ports`,
-- conntrack entries of container addresses (UDP at all; TCP still open, not timing out),
+- conntrack entries of container addresses (UDP outside a released container's conntrack zone,
+  where nothing is looked up any more; TCP still open, not timing out),
 - mounts under the state dir, files there that an idle ledger does not hold,
 - whatever `shim gc` still finds to repair.
 
@@ -274,8 +275,11 @@ class Soak:
                         return True
             return False
         ct = [l for l in ct if container_addr(l)]
-        left["conntrack"] = [l for l in ct if not l.startswith("tcp") or "ESTABLISHED" in l]
-        self.closed_tcp = len(ct) - len(left["conntrack"])
+        left["conntrack"] = [l for l in ct if ("zone-orig=" not in l if l.startswith("udp")
+                                               else not l.startswith("tcp") or "ESTABLISHED" in l)]
+        self.closed_tcp = sum(1 for l in ct if l.startswith("tcp")) - sum(
+            1 for l in left["conntrack"] if l.startswith("tcp"))
+        self.zoned_udp = sum(1 for l in ct if l.startswith("udp") and "zone-orig=" in l)
         with open("/proc/self/mountinfo") as f:
             left["mounts"] = [l.split()[4] for l in f
                               if l.split()[4].startswith(self.state.rstrip("/") + "/")]
@@ -344,7 +348,8 @@ def main():
             n = len(v)
         bad += n
         print(f"left: {k}: {n}" + (f" {v}" if n else ""))
-    print(f"not leftovers: {s.closed_tcp} closed TCP conntrack entries timing out; "
+    print(f"not leftovers: {s.closed_tcp} closed TCP conntrack entries timing out, "
+          f"{s.zoned_udp} UDP entries timing out in released zones; "
           f"{s.claim_files} released-port claims (tombstones for the reuse delay) of "
           f"{s.files} files in the state dir")
     return 2 if bad or failed_traffic else 0
