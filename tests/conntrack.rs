@@ -244,3 +244,42 @@ fn a_1000_port_udp_range_sets_up_and_tears_down_with_20000_unrelated_entries() {
         teardown.as_secs_f64() * 1e3
     );
 }
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn a_container_set_up_before_zones_is_flushed_at_teardown_so_the_port_frees_at_once() {
+    let mut rig = Rig::new(CFG);
+    let a = rig.container();
+    let map = r#"[{"containerPort":53,"hostPort":15353,"protocol":"udp"}]"#;
+    must_succeed(&rig.setup(a, map), "setup a");
+    udp_server(&rig.containers[a].ns, 53, "old");
+    // As an older netshim left it: a record without zones, a table rebuilt from the ledger
+    // (`shim reload`), so a's datagrams are tracked in the host's default zone.
+    let file = rig
+        .state_dir()
+        .join("containers")
+        .join(format!("{}.json", rig.containers[a].id));
+    let text = std::fs::read_to_string(&file).expect("a's record");
+    assert!(text.contains("\"ctZone\":1"), "{text}");
+    std::fs::write(&file, text.replace(",\"ctZone\":1", "")).expect("rewrite a's record");
+    must_succeed(&rig.shim(&["reload"], ""), "reload");
+    let zones = rig.nft(&["list", "map", "ip", "netshim", "zones"]);
+    let zones = String::from_utf8_lossy(&zones.stdout).to_string();
+    assert!(
+        zones.contains("typeof udp dport") && !zones.contains("elements"),
+        "{zones}"
+    );
+    let client = udp_client(&rig.client, 6666);
+    assert_eq!(udp_ask(&client, HOST_IP, 15353).unwrap(), "old");
+    let ip_a = container_ip(&rig, a);
+    let default_zone = ["-p", "udp", "--reply-src", &ip_a, "--orig-zone", "0"];
+    assert_eq!(entries(&rig, &default_zone), 1);
+
+    // Its teardown flushes what was DNATed to it: the same client socket reaches the host.
+    must_succeed(&rig.poststop(a), "poststop a");
+    rig.containers[a].destroy();
+    assert_eq!(entries(&rig, &["-p", "udp", "--reply-src", &ip_a]), 0);
+    let host = host_answers_once(&rig, 15353, "host");
+    assert_eq!(udp_ask(&client, HOST_IP, 15353).unwrap(), "host");
+    assert!(host.join().unwrap());
+}
