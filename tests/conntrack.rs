@@ -283,3 +283,38 @@ fn a_container_set_up_before_zones_is_flushed_at_teardown_so_the_port_frees_at_o
     assert_eq!(udp_ask(&client, HOST_IP, 15353).unwrap(), "host");
     assert!(host.join().unwrap());
 }
+
+#[test]
+#[cfg_attr(not(root), ignore = "needs root: ./test.sh runs it as root")]
+fn a_udp_mapping_on_one_host_address_has_its_zone_too() {
+    let mut rig = Rig::new(CFG);
+    // A first container brings netshim's table, and with it connection tracking in this netns.
+    let z = rig.container();
+    must_succeed(&rig.setup(z, r#"[{"containerPort":80}]"#), "setup z");
+    // A client that tried before the mapping: an entry to the host itself, default zone.
+    let client = udp_client(&rig.client, 6667);
+    client.send_to(b"early", (HOST_IP, 15354)).unwrap();
+    let early = [
+        "-p",
+        "udp",
+        "--orig-port-dst",
+        "15354",
+        "--reply-src",
+        "192.168.77.1",
+    ];
+    assert_eq!(entries(&rig, &early), 1);
+    let a = rig.container();
+    let map = r#"[{"containerPort":53,"hostPort":15354,"hostIp":"192.168.77.1","protocol":"udp"}]"#;
+    must_succeed(&rig.setup(a, map), "setup a");
+    udp_server(&rig.containers[a].ns, 53, "a");
+    assert_eq!(udp_ask(&client, HOST_IP, 15354).unwrap(), "a");
+    let ip_a = container_ip(&rig, a);
+    let zoned = ["-p", "udp", "--reply-src", &ip_a, "--orig-zone", "1"];
+    assert_eq!(entries(&rig, &zoned), 1, "tracked in a's zone (zones_ip)");
+    assert_eq!(entries(&rig, &early), 1, "nothing flushed");
+    must_succeed(&rig.poststop(a), "poststop a");
+    rig.containers[a].destroy();
+    let host = host_answers_once(&rig, 15354, "host");
+    assert_eq!(udp_ask(&client, HOST_IP, 15354).unwrap(), "host");
+    assert!(host.join().unwrap());
+}
