@@ -370,11 +370,8 @@ fn apply_steps(
                 .context("reserve the dynamic host ports (net.ipv4.ip_local_reserved_ports)")?;
             undo.push(Undo::Unreserve(dynamic));
         }
-        let udp = unzoned_udp_ports(ports);
-        if !udp.is_empty() {
-            k.flush_udp(Stale::HostPorts(&udp))
-                .context("flush stale UDP conntrack entries for the host ports")?;
-        }
+        // No conntrack flush: the plan gave every UDP mapping this container's zone, where no
+        // entry made before it is looked up.
     }
     Ok(())
 }
@@ -457,7 +454,6 @@ pub fn repair_firewall(
     Ok(report)
 }
 
-/// The UDP host ports among `ports`, for one conntrack flush.
 /// The UDP host ports whose stale conntrack entries must be flushed: those without a zone of
 /// their own (records made before zones). A mapping with a zone needs no flush: entries made
 /// before it are in another zone, and its own stop matching when its zone element goes.

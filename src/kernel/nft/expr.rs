@@ -350,15 +350,15 @@ impl Expr {
 
 /// Userdata TLVs (libnftnl's `nftnl_udata`): type, length, value.
 pub(super) fn udata(kind: u8, text: &str) -> Result<Vec<u8>, NftError> {
-    let len = u8::try_from(text.len() + 1)
-        .map_err(|_| NftError::invalid(format!("comment longer than 254 bytes: {text:?}")))?;
+    if text.len() > 254 {
+        return Err(NftError::invalid(format!(
+            "comment longer than 254 bytes: {text:?}"
+        )));
+    }
     if text.contains('\0') {
         return Err(NftError::invalid("comment contains a NUL byte".into()));
     }
-    let mut out = vec![kind, len];
-    out.extend_from_slice(text.as_bytes());
-    out.push(0);
-    Ok(out)
+    Ok(tlv(kind, &[text.as_bytes(), &[0]].concat()))
 }
 
 /// What a set's key or data was declared from in nft's `typeof` syntax. The kernel ignores it
@@ -407,8 +407,9 @@ const UDATA_PAYLOAD_TYPE: u8 = 1;
 const UDATA_CT_KEY: u8 = 0;
 const UDATA_CT_DIR: u8 = 1;
 
+/// One userdata record; `value` is at most 255 bytes (comments are checked, typeof records are a
+/// few words).
 fn tlv(kind: u8, value: &[u8]) -> Vec<u8> {
-    // Every record here is a few words long; nothing near the 255-byte limit of a record.
     let mut out = vec![kind, value.len() as u8];
     out.extend_from_slice(value);
     out
